@@ -1,0 +1,363 @@
+"""The ASGI application: admin endpoints under ``/_keepstream/`` and the proxied routes.
+
+Per proxied request (DESIGN section 2): validate before any upstream contact (I9), read the
+request body (capped), ask the supervisor for a stream, then relay it in a nursery that holds the
+downstream writer (this task) and the disconnect watcher (``receive()`` -> ``http.disconnect``).
+Hypercorn never raises on a ``send()`` after the client left, so the watcher is the only reliable
+signal (I3). Whatever was waiting in the live buffer is sent in one ``send()`` (coalescing), and a
+lone chunk is sent at once.
+
+A response is ended cleanly (final empty body) only when the stream is ``completed``. Otherwise
+the app returns without ending it, and Hypercorn closes the connection without the terminating
+chunk: a client never sees a clean end of body that fakes completion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from ._config import Config
+from ._record import record_json
+from ._rules import (
+    RequestRejected,
+    build_upstream_url,
+    check_request,
+    filter_request_headers,
+    match_route,
+    normalize_path,
+)
+from ._state import Ending, Status
+from ._supervisor import Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_STREAM_PATH = re.compile(r"^/_keepstream/streams/([0-9a-f]{1,64})(/body|/cancel)?$")
+_JSON = [(b"content-type", b"application/json")]
+
+
+async def send_json(
+    send: Send, status: int, payload: object, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+    headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(
+    send: Send, status: int, message: str, *, stream_id: str | None = None,
+    retry_after: int | None = None,
+) -> None:
+    extra: list[tuple[bytes, bytes]] = []
+    payload: dict[str, object] = {"error": message, "status": status}
+    if stream_id is not None:
+        extra.append((b"keepstream-id", stream_id.encode()))
+        payload["keepstream_id"] = stream_id
+    if retry_after is not None:
+        extra.append((b"retry-after", str(retry_after).encode()))
+    await send_json(send, status, payload, extra)
+
+
+class KeepstreamApp:
+    """ASGI app bound to one supervisor (``proxy.app``). No lifespan needed."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.config: Config = supervisor.config
+        self._prefixes = [r.prefix for r in self.config.routes]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _trivial_lifespan(receive, send)
+            return
+        if kind != "http":
+            return  # websockets are not proxied; returning closes them
+        path: str = scope["path"]
+        raw_path: bytes = scope.get("raw_path") or path.encode()
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+            if raw_path.startswith(root.encode()):
+                raw_path = raw_path[len(root):] or b"/"
+        if path.startswith("/_keepstream/"):
+            await self._admin(scope, path, receive, send)
+            return
+        await self._proxy(scope, path, raw_path, receive, send)
+
+    # -- admin endpoints ------------------------------------------------------------------
+
+    async def _admin(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        sup = self.supervisor
+        if path == "/_keepstream/healthz":
+            await send_json(send, 200, {"status": "ok"})
+            return
+        if path == "/_keepstream/readyz":
+            if sup.draining:
+                await send_error(send, 503, "draining", retry_after=1)
+            else:
+                await send_json(send, 200, {"status": "ready"})
+            return
+        if path == "/_keepstream/metrics":
+            await self._metrics(send)
+            return
+        m = _STREAM_PATH.match(path)
+        if m is None:
+            await send_error(send, 404, "no such keepstream endpoint")
+            return
+        sid, tail = m.group(1), m.group(2)
+        if tail == "/cancel":
+            if method != "POST":
+                await send_error(send, 405, "use POST")
+                return
+            stream = sup.live.get(sid)
+            if stream is not None:
+                stream.stop(Ending.CANCEL_REQUESTED, "cancel endpoint")
+                with trio.move_on_after(self.config.server.persist_timeout + 0.5):
+                    await stream.done.wait()
+            row = await sup.writer.get(sid) if stream is None else stream.record.row()
+            if row is None:
+                await send_error(send, 404, "no such stream")
+                return
+            await send_json(send, 200, record_json(row))
+            return
+        if method not in ("GET", "HEAD"):
+            await send_error(send, 405, "use GET")
+            return
+        if tail == "/body":
+            await self._body(scope, sid, send)
+            return
+        live = sup.live.get(sid)
+        row = live.record.row() if live is not None else await sup.writer.get(sid)
+        if row is None:
+            await send_error(send, 404, "no such stream")
+            return
+        await send_json(send, 200, record_json(row))
+
+    async def _body(self, scope: Scope, sid: str, send: Send) -> None:
+        """The journaled body, then the live tail while the stream is open."""
+        sup = self.supervisor
+        offset = _query_int(scope, "offset")
+        live = sup.live.get(sid)
+        row = live.record.row() if live is not None else await sup.writer.get(sid)
+        if row is None:
+            await send_error(send, 404, "no such stream")
+            return
+        if not sup.writer.backend.stores_bodies and live is None:
+            await send_error(send, 410, "journal 'none' keeps no bodies")
+            return
+        await send({
+            "type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"application/octet-stream"),
+                        (b"keepstream-id", sid.encode())],
+        })
+        if live is None:
+            data = await sup.writer.read_body(sid, offset)
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+            return
+        sub = live.subscribe(offset)
+        try:
+            ok = await _pump(live, sub, send, sup)
+        finally:
+            live.unsubscribe(sub, client_left=False)
+        if ok:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _metrics(self, send: Send) -> None:
+        sup = self.supervisor
+        lines = [
+            "# HELP keepstream_streams_started_total Streams accepted.",
+            "# TYPE keepstream_streams_started_total counter",
+            f"keepstream_streams_started_total {sup.started_total}",
+            "# HELP keepstream_streams_ended_total Streams persisted with a terminal status.",
+            "# TYPE keepstream_streams_ended_total counter",
+        ]
+        for status in Status:
+            if status is not Status.OPEN:
+                n = sup.ended_total.get(str(status), 0)
+                lines.append(f'keepstream_streams_ended_total{{status="{status}"}} {n}')
+        lines += [
+            "# HELP keepstream_streams_live Streams running now.",
+            "# TYPE keepstream_streams_live gauge",
+            f"keepstream_streams_live {len(sup.live)}",
+            "# HELP keepstream_draining 1 while the process drains.",
+            "# TYPE keepstream_draining gauge",
+            f"keepstream_draining {int(sup.draining)}",
+            "# HELP keepstream_journal_write_failures_total Failed journal transactions.",
+            "# TYPE keepstream_journal_write_failures_total counter",
+            f"keepstream_journal_write_failures_total {sup.writer.failures}",
+        ]
+        body = ("\n".join(lines) + "\n").encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- proxied routes -------------------------------------------------------------------
+
+    async def _proxy(
+        self, scope: Scope, path: str, raw_path: bytes, receive: Receive, send: Send
+    ) -> None:
+        method: str = scope["method"]
+        headers: list[tuple[bytes, bytes]] = list(scope["headers"])
+        try:
+            check_request(method, raw_path, headers)
+            raw_only = raw_path.split(b"?", 1)[0]
+            safe_path = normalize_path(raw_only)
+            idx = match_route(self._prefixes, safe_path)
+            if idx is None:
+                raise RequestRejected(404, "no route for this path")
+            route = self.config.routes[idx]
+            url = build_upstream_url(route.upstream, route.prefix, safe_path,
+                                     scope.get("query_string", b""))
+        except RequestRejected as exc:
+            await send_error(send, exc.status, exc.message)
+            return
+        body = await self._read_body(headers, receive, send)
+        if body is None:
+            return
+        detached = _prefers_async(headers)
+        try:
+            stream = await self.supervisor.start_stream(
+                route, method, safe_path, url, filter_request_headers(headers), body,
+                detached=detached,
+            )
+        except StreamRefused as exc:
+            await send_error(send, exc.status, exc.message, retry_after=exc.retry_after)
+            return
+        sid = stream.record.id
+        if detached:
+            await send_json(send, 202, record_json(stream.record.row()), [
+                (b"location", f"/_keepstream/streams/{sid}".encode()),
+                (b"keepstream-id", sid.encode()),
+                (b"preference-applied", b"respond-async"),
+            ])
+            return
+        await self._relay(stream, receive, send)
+
+    async def _read_body(
+        self, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+    ) -> bytes | None:
+        server = self.config.server
+        cap = server.max_body_bytes
+        for name, value in headers:
+            if name.lower() == b"content-length" and value.strip().isdigit() \
+                    and int(value) > cap:
+                await send_error(send, 413, f"request body over {cap} bytes")
+                return None
+        body = bytearray()
+        while True:
+            msg: Message | None = None
+            with trio.move_on_after(server.body_idle_timeout):
+                msg = await receive()
+            if msg is None:
+                await send_error(send, 408, "request body idle timeout")
+                return None
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            if len(body) > cap:
+                await send_error(send, 413, f"request body over {cap} bytes")
+                return None
+            if not msg.get("more_body", False):
+                return bytes(body)
+
+    async def _relay(self, stream: LiveStream, receive: Receive, send: Send) -> None:
+        sub = stream.subscribe()
+        client_left = False
+        ok = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_disconnect() -> None:
+                    nonlocal client_left
+                    while True:
+                        msg = await receive()
+                        if msg["type"] == "http.disconnect":
+                            client_left = True
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(watch_disconnect)
+                ok = await self._respond(stream, sub, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            stream.unsubscribe(sub, client_left=client_left or sub.dropped or not ok)
+
+    async def _respond(self, stream: LiveStream, sub: Subscriber, send: Send) -> bool:
+        """Send the response; True when the client got all of it."""
+        await stream.response_ready.wait()
+        sid = stream.record.id
+        if stream.upstream_status is None:
+            status = stream.record.status
+            await send_error(
+                send, stream.error_status, f"stream ended before the upstream answered: "
+                f"{status} ({stream.record.reason})", stream_id=sid,
+                retry_after=1 if stream.error_status == 503 else None,
+            )
+            return True
+        headers = [*stream.response_headers, (b"keepstream-id", sid.encode())]
+        await send({"type": "http.response.start", "status": stream.upstream_status,
+                    "headers": headers})
+        if not await _pump(stream, sub, send, self.supervisor):
+            return False
+        if stream.record.status is Status.COMPLETED:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        return True  # ended badly: return without a final body; Hypercorn cuts the connection
+
+
+async def _pump(stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor) -> bool:
+    """Copy the stream to ``send`` from ``sub.offset`` until it finishes. False if dropped."""
+    writer = sup.writer
+    while True:
+        if sub.dropped:
+            return False
+        try:
+            data = stream.read(sub)
+        except Lagging:
+            data = await writer.read_body(stream.record.id, sub.offset, stream.base - sub.offset)
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            sub.offset += len(data)
+            continue
+        if stream.finished:
+            return True
+        await stream.wait_data(sub.offset)
+
+
+def _prefers_async(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"prefer":
+            tokens = [t.strip().split(b"=")[0].strip().lower() for t in value.split(b",")]
+            if b"respond-async" in tokens:
+                return True
+    return False
+
+
+def _query_int(scope: Scope, key: str) -> int:
+    from urllib.parse import parse_qs
+
+    qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = qs.get(key)
+    if not values or not values[0].isdigit():
+        return 0
+    return int(values[0])
+
+
+async def _trivial_lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

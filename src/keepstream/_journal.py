@@ -1,0 +1,490 @@
+"""Journal backends and the writer task.
+
+Design:
+
+* A *backend* is synchronous and small (``setup``, ``recover``, ``commit``, ``get``, ``list``,
+  ``read_body``, ``close``). The SQLite backend runs in worker threads via
+  ``trio.to_thread.run_sync``: one writer connection, one reader connection, each behind its own
+  ``CapacityLimiter(1)``. A call in a thread cannot be cancelled, so the database carries its own
+  limits (``busy_timeout``).
+* The :class:`JournalWriter` is the only task that writes. Streams hand it bytes with
+  :meth:`JournalWriter.append` (no await, O(1)); it commits one transaction per flush, at most
+  every ``flush_interval_ms`` or as soon as ``flush_bytes`` are pending. A record's creation and
+  its terminal status are *urgent*: :meth:`JournalWriter.commit` flushes at once and waits for
+  the transaction, so the terminal status and the last bytes land together (I1, I2).
+* The loss bound on SIGKILL is therefore what was appended but not yet committed: at most
+  ``flush_interval_ms`` of traffic, and at most ``flush_bytes`` per flush (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ._config import JournalConfig, journal_kind
+from ._errors import JournalError
+from ._record import Record
+from ._state import Status
+
+_COLUMNS = (
+    "id", "instance", "route", "method", "path", "status", "reason", "upstream_status",
+    "created_at", "first_byte_at", "ended_at", "client_gone_at", "bytes", "events", "detached",
+    "last_event_id",
+)
+
+
+@dataclass(slots=True)
+class Batch:
+    """One transaction: record rows to upsert and body bytes to append."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)  # (id, offset, data)
+
+
+class Backend(Protocol):
+    threaded: bool
+    stores_bodies: bool
+
+    def setup(self) -> None: ...
+    def recover(self, instance: str) -> int: ...
+    def commit(self, batch: Batch) -> None: ...
+    def get(self, stream_id: str) -> dict[str, Any] | None: ...
+    def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]: ...
+    def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes: ...
+    def integrity_check(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+class MemoryBackend:
+    """Everything in dicts, for tests and ``memory:``. Lost when the process ends."""
+
+    threaded = False
+    stores_bodies = True
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.bodies: dict[str, bytearray] = {}
+
+    def setup(self) -> None:
+        pass
+
+    def recover(self, instance: str) -> int:
+        n = 0
+        for row in self.rows.values():
+            if row["status"] == "open" and row["instance"] != instance:
+                row.update(status="orphaned", reason="found open at start-up",
+                           ended_at=time.time())
+                n += 1
+        return n
+
+    def commit(self, batch: Batch) -> None:
+        for sid, offset, data in batch.chunks:
+            body = self.bodies.setdefault(sid, bytearray())
+            if offset != len(body):
+                raise JournalError(f"non-contiguous append to {sid}: {offset} != {len(body)}")
+            body += data
+        for row in batch.rows:
+            self.rows[row["id"]] = dict(row)
+
+    def get(self, stream_id: str) -> dict[str, Any] | None:
+        row = self.rows.get(stream_id)
+        return dict(row) if row is not None else None
+
+    def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = [r for r in self.rows.values() if status is None or r["status"] == status]
+        rows.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        return [dict(r) for r in rows[:limit]]
+
+    def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes:
+        body = self.bodies.get(stream_id, bytearray())
+        end = len(body) if limit is None else offset + limit
+        return bytes(body[offset:end])
+
+    def integrity_check(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class NoneBackend(MemoryBackend):
+    """``none``: no journal. Records are kept in memory only while their stream runs."""
+
+    stores_bodies = False
+
+    def commit(self, batch: Batch) -> None:
+        for row in batch.rows:
+            if row["status"] == "open":
+                self.rows[row["id"]] = dict(row)
+            else:
+                self.rows.pop(row["id"], None)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    route TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    upstream_status INTEGER,
+    created_at REAL NOT NULL,
+    first_byte_at REAL,
+    ended_at REAL,
+    client_gone_at REAL,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    events INTEGER NOT NULL DEFAULT 0,
+    detached INTEGER NOT NULL DEFAULT 0,
+    last_event_id TEXT
+);
+CREATE INDEX IF NOT EXISTS streams_status ON streams (status);
+CREATE INDEX IF NOT EXISTS streams_created ON streams (created_at);
+CREATE TABLE IF NOT EXISTS chunks (
+    stream_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (stream_id, offset)
+) WITHOUT ROWID;
+"""
+
+_UPSERT = (
+    f"INSERT INTO streams ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    "ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "id")
+)
+
+
+class SQLiteBackend:
+    """SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives a
+    process crash (SIGKILL); only power loss can take the last commits."""
+
+    threaded = True
+    stores_bodies = True
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self._busy_ms = busy_timeout_ms
+        self._w: sqlite3.Connection | None = None
+        self._r: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=self._busy_ms / 1000)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open SQLite journal {self.path!r}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def setup(self) -> None:
+        self._w = self._connect()
+        try:
+            self._w.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot create the journal schema: {exc}") from exc
+        self._r = self._connect()
+
+    @property
+    def _writer(self) -> sqlite3.Connection:
+        if self._w is None:
+            raise JournalError("journal is not open")
+        return self._w
+
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        if self._r is None:
+            raise JournalError("journal is not open")
+        return self._r
+
+    def recover(self, instance: str) -> int:
+        try:
+            cur = self._writer.execute(
+                "UPDATE streams SET status = 'orphaned', reason = 'found open at start-up', "
+                "ended_at = ? WHERE status = 'open' AND instance != ?",
+                (time.time(), instance),
+            )
+            return cur.rowcount
+        except sqlite3.Error as exc:
+            raise JournalError(f"recovery failed: {exc}") from exc
+
+    def commit(self, batch: Batch) -> None:
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if batch.chunks:
+                    conn.executemany(
+                        "INSERT INTO chunks (stream_id, offset, data) VALUES (?, ?, ?)",
+                        batch.chunks,
+                    )
+                if batch.rows:
+                    conn.executemany(
+                        _UPSERT, [tuple(row[c] for c in _COLUMNS) for row in batch.rows]
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal write failed: {exc}") from exc
+
+    def get(self, stream_id: str) -> dict[str, Any] | None:
+        try:
+            row = self._reader.execute(
+                "SELECT * FROM streams WHERE id = ?", (stream_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        return dict(row) if row is not None else None
+
+    def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM streams"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            args = (status,)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        try:
+            rows = self._reader.execute(sql, (*args, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        return [dict(r) for r in rows]
+
+    def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes:
+        try:
+            rows = self._reader.execute(
+                "SELECT offset, data FROM chunks WHERE stream_id = ? AND offset + length(data) > ?"
+                " ORDER BY offset",
+                (stream_id, offset),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        out = bytearray()
+        for start, data in rows:
+            out += data[max(0, offset - start):]
+            if limit is not None and len(out) >= limit:
+                break
+        return bytes(out if limit is None else out[:limit])
+
+    def integrity_check(self) -> list[str]:
+        rows = self._reader.execute("PRAGMA integrity_check").fetchall()
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        bad = self._reader.execute(
+            "SELECT s.id FROM streams s LEFT JOIN (SELECT stream_id, SUM(length(data)) n "
+            "FROM chunks GROUP BY stream_id) c ON c.stream_id = s.id "
+            "WHERE s.bytes != COALESCE(c.n, 0)"
+        ).fetchall()
+        problems += [f"stream {r[0]}: bytes column does not match its chunks" for r in bad]
+        return problems
+
+    def close(self) -> None:
+        for conn in (self._w, self._r):
+            if conn is not None:
+                conn.close()
+        self._w = self._r = None
+
+
+def open_backend(url: str) -> Backend:
+    """A backend for a journal URL (not yet set up)."""
+    kind = journal_kind(url)
+    if kind == "memory":
+        return MemoryBackend()
+    if kind == "none":
+        return NoneBackend()
+    return SQLiteBackend(url[len("sqlite:///"):])
+
+
+class _Pending:
+    __slots__ = ("chunks", "prev", "record")
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        self.chunks: list[bytes] = []
+        self.prev = 0  # committed length before this batch (to roll back on failure)
+
+
+class JournalWriter:
+    """The single writer task of a journal; see the module docstring."""
+
+    def __init__(self, backend: Backend, config: JournalConfig) -> None:
+        self.backend = backend
+        self._interval = config.flush_interval_ms / 1000
+        self._flush_bytes = config.flush_bytes
+        self._pending: dict[str, _Pending] = {}
+        self._pending_bytes = 0
+        self._dirty = False
+        self._urgent = False
+        self._wakeup = trio.Event()
+        self._committed_event = trio.Event()
+        self._commits = 0
+        self._w_limiter = trio.CapacityLimiter(1)
+        self._r_limiter = trio.CapacityLimiter(1)
+        self._committed: dict[str, int] = {}
+        self._flushing = False
+        self.failures = 0
+        self.last_error: str | None = None
+
+    # -- called by streams (no await) -----------------------------------------------------
+
+    def _entry(self, record: Record) -> _Pending:
+        entry = self._pending.get(record.id)
+        if entry is None:
+            entry = self._pending[record.id] = _Pending(record)
+        return entry
+
+    def touch(self, record: Record) -> None:
+        """The record's fields changed; write its row with the next flush."""
+        self._entry(record)
+        if not self._dirty:
+            self._dirty = True
+            self._wakeup.set()
+
+    def append(self, record: Record, data: bytes) -> None:
+        """Queue body bytes of ``record`` for the next flush."""
+        entry = self._pending.get(record.id)
+        if entry is None:
+            entry = self._pending[record.id] = _Pending(record)
+        entry.chunks.append(data)
+        self._pending_bytes += len(data)
+        if not self._dirty:
+            self._dirty = True
+            self._wakeup.set()
+        if self._pending_bytes >= self._flush_bytes and not self._urgent:
+            self._urgent = True
+            self._wakeup.set()
+
+    async def commit(self, record: Record) -> None:
+        """Flush now, including ``record``'s row, and wait until that transaction is durable."""
+        self._entry(record)
+        self._dirty = True
+        self._urgent = True
+        # A flush already in flight was taken before this call: wait for the one after it.
+        target = self._commits + (2 if self._flushing else 1)
+        self._wakeup.set()
+        while self._commits < target:
+            await self._committed_event.wait()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _call(self, limiter: trio.CapacityLimiter, fn: Any, *args: Any) -> Any:
+        if not self.backend.threaded:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+    async def get(self, stream_id: str) -> dict[str, Any] | None:
+        row: dict[str, Any] | None = await self._call(self._r_limiter, self.backend.get, stream_id)
+        return row
+
+    async def list_records(
+        self, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self._call(
+            self._r_limiter, self.backend.list_records, status, limit
+        )
+        return rows
+
+    async def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes:
+        data: bytes = await self._call(
+            self._r_limiter, self.backend.read_body, stream_id, offset, limit
+        )
+        return data
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def setup(self, instance: str) -> int:
+        """Open the backend and orphan records left open by other (dead) instances."""
+        await self._call(self._w_limiter, self.backend.setup)
+        orphaned: int = await self._call(self._w_limiter, self.backend.recover, instance)
+        return orphaned
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush loop. Cancel it to stop: the final flush runs shielded, bounded by 5 s."""
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                if not self._urgent:
+                    with trio.move_on_after(self._interval):
+                        await self._wakeup.wait()
+                await self._flush()
+        finally:
+            with trio.move_on_after(5.0, shield=True):
+                await self._flush()
+
+    def _take_batch(self) -> tuple[Batch, list[_Pending]]:
+        batch = Batch()
+        entries = list(self._pending.values())
+        self._pending = {}
+        self._pending_bytes = 0
+        self._dirty = False
+        self._urgent = False
+        for entry in entries:
+            rec = entry.record
+            offset = entry.prev = self._committed.get(rec.id, 0)
+            if entry.chunks:
+                data = entry.chunks[0] if len(entry.chunks) == 1 else b"".join(entry.chunks)
+                batch.chunks.append((rec.id, offset, data))
+                offset += len(data)
+            row = rec.row()
+            row["bytes"] = offset
+            batch.rows.append(row)
+            self._committed[rec.id] = offset
+        return batch, entries
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            self._signal_commit()
+            return
+        batch, entries = self._take_batch()
+        self._flushing = True
+        try:
+            await self._call(self._w_limiter, self.backend.commit, batch)
+        except JournalError as exc:
+            self._flushing = False
+            # Put the batch back in front of whatever arrived meanwhile; retried next flush.
+            self.failures += 1
+            self.last_error = str(exc)
+            for entry in entries:
+                self._committed[entry.record.id] = entry.prev
+            self._restore(entries)
+            await trio.sleep(min(1.0, self._interval * 2))
+            self._wakeup.set()
+            return
+        self._flushing = False
+        for row in batch.rows:
+            if row["status"] != Status.OPEN:
+                self._committed.pop(row["id"], None)
+        self.last_error = None
+        self._signal_commit()
+
+    def _restore(self, entries: Iterable[_Pending]) -> None:
+        newer = self._pending
+        self._pending = {}
+        for entry in entries:
+            later = newer.pop(entry.record.id, None)
+            if later is not None:
+                entry.chunks.extend(later.chunks)
+            self._pending[entry.record.id] = entry
+            self._pending_bytes += sum(len(c) for c in entry.chunks)
+        self._pending.update(newer)
+        self._dirty = True
+
+    def committed_bytes(self, stream_id: str) -> int:
+        """Body bytes of an open stream already durable in the journal."""
+        return self._committed.get(stream_id, 0)
+
+    def _signal_commit(self) -> None:
+        self._commits += 1
+        self._committed_event.set()
+        self._committed_event = trio.Event()

@@ -1,0 +1,232 @@
+"""``open_proxy``: the supervisor, the journal writer and the upstream client, owned by one
+async context manager. Used by ``keepstream serve``, by ``create_app``'s lifespan, and by users
+embedding keepstream in their own Trio service.
+
+Exception policy: if the body of ``async with open_proxy(...)`` raises, that exception propagates
+unchanged. If one of keepstream's own tasks fails, :class:`~keepstream.ProxyError` is raised from
+the ExceptionGroup of the failures (the group is its ``__cause__``). Cancellation propagates as
+usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from ._app import KeepstreamApp
+from ._config import Config
+from ._errors import ProxyError
+from ._journal import JournalWriter, open_backend
+from ._record import new_instance_id
+from ._rules import (
+    RequestRejected,
+    build_upstream_url,
+    check_request,
+    filter_request_headers,
+    match_route,
+    normalize_path,
+)
+from ._supervisor import Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+
+
+def make_client(config: Config) -> httpx.AsyncClient:
+    """The worker's upstream client: created after start-up, never at import (I7).
+
+    No redirects, no proxy variables from the environment, no default headers of httpx's own
+    (a client's request goes upstream with its own headers only), pool sized for ``max_streams``.
+    """
+    n = config.server.max_streams
+    client = httpx.AsyncClient(
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=min(n, 256),
+                            keepalive_expiry=30.0),
+        timeout=httpx.Timeout(None, connect=10.0, pool=config.server.pool_timeout),
+    )
+    for name in list(client.headers.keys()):
+        del client.headers[name]
+    return client
+
+
+@dataclass(slots=True)
+class StreamHandle:
+    """What ``proxy.open_stream`` yields: the response of one journaled stream."""
+
+    id: str
+    status_code: int
+    headers: list[tuple[bytes, bytes]]
+    _stream: LiveStream = field(repr=False)
+    _sub: Subscriber = field(repr=False)
+    _proxy: Proxy = field(repr=False)
+
+    @property
+    def status(self) -> str:
+        """The record's status now (``open`` until the stream ends)."""
+        return str(self._stream.record.status)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        stream, sub = self._stream, self._sub
+        writer = self._proxy.supervisor.writer
+        while True:
+            try:
+                data = stream.read(sub)
+            except Lagging:
+                data = await writer.read_body(stream.record.id, sub.offset,
+                                              stream.base - sub.offset)
+            if data:
+                sub.offset += len(data)
+                yield data
+                continue
+            if stream.finished:
+                return
+            await stream.wait_data(sub.offset)
+
+    async def wait_finished(self) -> str:
+        """Wait until the record is terminal and persisted; return its status."""
+        await self._stream.done.wait()
+        return str(self._stream.record.status)
+
+
+class Proxy:
+    """A running keepstream instance inside the caller's Trio program (see ``open_proxy``)."""
+
+    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.app = KeepstreamApp(supervisor)
+        self._prefixes = [r.prefix for r in config.routes]
+
+    @property
+    def draining(self) -> bool:
+        return self.supervisor.draining
+
+    @asynccontextmanager
+    async def open_stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: list[tuple[str, str]] | list[tuple[bytes, bytes]] | None = None,
+        body: bytes = b"",
+    ) -> AsyncIterator[StreamHandle]:
+        """Open a journaled stream exactly as an incoming request to ``path`` would.
+
+        Raises :class:`~keepstream.RequestRejected` (bad path, no route) or
+        :class:`~keepstream.StreamRefused` (draining, limits, journal down). If the upstream
+        fails before answering, the handle has ``status_code`` 502/503/504 and no body.
+        Leaving the block before the body ended counts as the client leaving: the route's
+        ``on_disconnect`` policy applies.
+        """
+        raw_headers = [
+            (k.encode("latin-1") if isinstance(k, str) else k,
+             v.encode("latin-1") if isinstance(v, str) else v)
+            for k, v in (headers or [])
+        ]
+        try:
+            raw_path, _, query = path.encode("ascii").partition(b"?")
+        except UnicodeEncodeError:
+            raise RequestRejected(400, "path must be ASCII (percent-encode it)") from None
+        check_request(method, raw_path, raw_headers)
+        safe = normalize_path(raw_path)
+        idx = match_route(self._prefixes, safe)
+        if idx is None:
+            raise RequestRejected(404, f"no route for {path!r}")
+        route = self.config.routes[idx]
+        url = build_upstream_url(route.upstream, route.prefix, safe, query)
+        stream = await self.supervisor.start_stream(
+            route, method, safe, url,
+            filter_request_headers(raw_headers), body,
+        )
+        sub = stream.subscribe()
+        completed = False
+        try:
+            await stream.response_ready.wait()
+            status = stream.upstream_status
+            handle = StreamHandle(
+                id=stream.record.id,
+                status_code=status if status is not None else stream.error_status,
+                headers=list(stream.response_headers),
+                _stream=stream, _sub=sub, _proxy=self,
+            )
+            yield handle
+            completed = stream.finished and sub.offset >= stream.end
+        finally:
+            stream.unsubscribe(sub, client_left=not completed)
+
+    async def aclose(self) -> None:
+        """Drain now (bounded by ``drain_timeout``) and persist every live stream."""
+        await self.supervisor.drain()
+
+
+@asynccontextmanager
+async def open_proxy(
+    config: Config, *, client: httpx.AsyncClient | None = None
+) -> AsyncIterator[Proxy]:
+    """Run keepstream's supervisor and journal writer for the duration of the block.
+
+    On exit, live streams drain (up to ``drain_delay + drain_timeout``), the rest are
+    interrupted and every record is persisted before this returns. ``client`` lets tests and
+    embedders supply their own ``httpx.AsyncClient`` (for example one with a custom transport);
+    it is then not closed here.
+    """
+    backend = open_backend(config.journal.url)
+    writer = JournalWriter(backend, config.journal)
+    instance = new_instance_id()
+    own_client = client is None
+    body_exc: BaseException | None = None
+    try:
+        orphaned = await writer.setup(instance)
+        upstream = make_client(config) if client is None else client
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(writer.run)
+                async with trio.open_nursery() as streams:
+                    supervisor = Supervisor(config, writer, upstream, streams, instance)
+                    supervisor.recovered = orphaned
+                    proxy = Proxy(config, supervisor)
+                    try:
+                        yield proxy
+                    except BaseException as exc:
+                        body_exc = exc
+                        raise
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await supervisor.drain()
+                root.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if body_exc is not None and _only(group, body_exc):
+                raise body_exc from None
+            rest = group.split(trio.Cancelled)[1]
+            if rest is None:
+                raise
+            raise ProxyError(f"keepstream task failed: {rest!r}") from group
+        finally:
+            if own_client:
+                with trio.move_on_after(1.0, shield=True):
+                    await upstream.aclose()
+    finally:
+        await trio.to_thread.run_sync(backend.close) if backend.threaded else backend.close()
+
+
+def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    return all(e is exc or isinstance(e, trio.Cancelled) for e in leaves) and exc in leaves
+
+
+__all__ = ["Proxy", "StreamHandle", "StreamRefused", "open_proxy"]

@@ -1,0 +1,90 @@
+"""The stream record: the fields of DESIGN section 4, and their JSON form."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ._state import Status, check_transition
+
+#: The record fields of the public contract, in their documented order.
+RECORD_FIELDS: tuple[str, ...] = (
+    "id", "route", "method", "path", "status", "reason", "upstream_status", "created_at",
+    "first_byte_at", "ended_at", "client_gone_at", "bytes", "events", "detached",
+)
+_TIME_FIELDS = frozenset({"created_at", "first_byte_at", "ended_at", "client_gone_at"})
+
+
+def new_stream_id() -> str:
+    """A 26-character id, sortable by creation time (48-bit ms clock + 80 random bits)."""
+    ms = time.time_ns() // 1_000_000
+    return f"{ms:012x}{secrets.token_hex(7)}"
+
+
+def new_instance_id() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """A stream's record as the proxy keeps it in memory; rows in the journal mirror it."""
+
+    id: str
+    instance: str
+    route: str
+    method: str
+    path: str
+    status: Status = Status.OPEN
+    reason: str | None = None
+    upstream_status: int | None = None
+    created_at: float = field(default_factory=time.time)
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+    client_gone_at: float | None = None
+    bytes: int = 0
+    events: int = 0
+    detached: bool = False
+    last_event_id: str | None = None
+
+    def finish(self, status: Status, reason: str | None, now: float | None = None) -> None:
+        check_transition(self.status, status)
+        self.status = status
+        self.reason = reason
+        self.ended_at = time.time() if now is None else now
+
+    def row(self) -> dict[str, Any]:
+        """A plain dict of every stored column (times as epoch seconds)."""
+        return {
+            "id": self.id, "instance": self.instance, "route": self.route,
+            "method": self.method, "path": self.path, "status": str(self.status),
+            "reason": self.reason, "upstream_status": self.upstream_status,
+            "created_at": self.created_at, "first_byte_at": self.first_byte_at,
+            "ended_at": self.ended_at, "client_gone_at": self.client_gone_at,
+            "bytes": self.bytes, "events": self.events, "detached": self.detached,
+            "last_event_id": self.last_event_id,
+        }
+
+
+def record_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The public JSON form of a stored row: contract fields only, times as RFC 3339 UTC."""
+    out: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        value = row.get(name)
+        if name in _TIME_FIELDS:
+            value = rfc3339(value)
+        elif name == "detached":
+            value = bool(value)
+        out[name] = value
+    return out

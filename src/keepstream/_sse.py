@@ -1,0 +1,301 @@
+"""Sans-IO parser for ``text/event-stream`` (WHATWG HTML, "Server-sent events", parsing rules).
+
+Design rules (invariant I6 in DESIGN.md):
+
+* Sans-IO. ``SSEParser.feed(bytes)`` returns the events and comments completed by those bytes;
+  ``close()`` marks EOF. No I/O, no trio, no await, no clock: the caller owns the socket.
+* Chunking never matters. Any split of the same byte stream (1-byte reads, a split inside CRLF,
+  inside a multi-byte UTF-8 character, inside the BOM) yields the same list of events with the
+  same ``end`` offsets. Nothing waits for a byte that may never come: a CR ends its line at
+  once, and a LF that follows it (in this chunk or the next) is skipped.
+* Byte-level parsing that equals the spec's decode-then-parse. The spec decodes the stream as
+  UTF-8 (errors replaced by U+FFFD) and then splits on CR/LF and ``:``. Those are ASCII, and
+  UTF-8 decoding resynchronises on every ASCII byte, so splitting the raw bytes first and
+  decoding each complete value gives exactly the same text. A character split across chunks
+  is therefore never decoded in halves: only complete lines are decoded.
+* The UTF-8 BOM (EF BB BF) is stripped at stream offset 0 only; anywhere else it is data.
+* Offsets are stream byte offsets, BOM bytes included. ``end`` is the offset just after the
+  CR or LF that ended the dispatching blank line (or the comment line). For a CRLF pair that
+  is just after the CR: the parser has to dispatch on the CR before it can know whether a LF
+  follows, and ``end`` must not depend on chunking. The LF is then a skipped separator.
+* At EOF an incomplete line and an undispatched event are discarded, as the spec says.
+* Bounded memory. A line longer than ``max_line_bytes`` or an event whose data exceeds
+  ``max_event_bytes`` sets ``overflowed``: the parser drops its buffers and from then on only
+  counts ``offset``; ``feed()`` returns ``[]``. The proxy still forwards and journals the raw
+  bytes itself; it just stops learning event boundaries.
+* Hot path: lines are split with ``bytes.split``/``bytes.splitlines`` over a whole chunk (C
+  speed), never byte by byte. A partial line is kept in one ``bytearray`` and only newly fed
+  bytes are searched for a line end, so a long line fed in tiny pieces costs O(n), not O(n^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Comment", "Event", "SSEParser"]
+
+_BOM = b"\xef\xbb\xbf"
+_LF = 0x0A
+_CR = 0x0D
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One dispatched event."""
+
+    data: str
+    """The ``data`` lines joined with ``"\\n"``."""
+    event: str
+    """The event type; ``"message"`` when the block set none (or set it empty)."""
+    id: str | None
+    """The last-event-id buffer at dispatch (it persists across events); None if never set."""
+    retry: int | None
+    """The ``retry`` value given in this event's block, else None."""
+    end: int
+    """Stream byte offset just after the blank line that dispatched this event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    """A comment line (``: text``); ``text`` is everything after the colon, unstripped."""
+
+    text: str
+    end: int
+    """Stream byte offset just after the comment line's CR or LF."""
+
+
+# Events are built on the hot path: set the slots directly instead of going through the frozen
+# dataclass __init__ (object.__setattr__ per field), which costs about twice as much.
+_EVENT_SLOTS = tuple(Event.__dict__[f].__set__ for f in ("data", "event", "id", "retry", "end"))
+
+
+def _new_event(data: str, event: str, id: str | None, retry: int | None, end: int) -> Event:
+    e = object.__new__(Event)
+    set_data, set_event, set_id, set_retry, set_end = _EVENT_SLOTS
+    set_data(e, data)
+    set_event(e, event)
+    set_id(e, id)
+    set_retry(e, retry)
+    set_end(e, end)
+    return e
+
+
+class SSEParser:
+    """Incremental ``text/event-stream`` parser. Feed it bytes, get events."""
+
+    __slots__ = (
+        "_bom_pending",
+        "_buf",
+        "_buf_start",
+        "_closed",
+        "_data",
+        "_data_bytes",
+        "_event_type",
+        "_max_event",
+        "_max_line",
+        "_offset",
+        "_overflowed",
+        "_retry",
+        "_skip_lf",
+        "events",
+        "last_id",
+    )
+
+    def __init__(self, *, max_line_bytes: int = 1 << 20, max_event_bytes: int = 8 << 20) -> None:
+        if max_line_bytes < 1 or max_event_bytes < 1:
+            raise ValueError("max_line_bytes and max_event_bytes must be >= 1")
+        self._max_line = max_line_bytes
+        self._max_event = max_event_bytes
+        self._buf = bytearray()  # the incomplete last line (never contains CR or LF)
+        self._buf_start = 0  # stream offset of _buf[0]
+        self._offset = 0
+        self._bom_pending = True  # every byte so far is a proper prefix of the BOM
+        self._skip_lf = False  # the last byte fed was a CR that ended a line
+        self._overflowed = False
+        self._closed = False
+        self._data: list[bytes] = []  # data values of the current block
+        self._data_bytes = 0
+        self._event_type = ""
+        self._retry: int | None = None
+        #: Number of events dispatched so far.
+        self.events = 0
+        #: The last-event-id buffer: updated as soon as a valid ``id`` line is parsed.
+        self.last_id: str | None = None
+
+    @property
+    def overflowed(self) -> bool:
+        """True once a line or an event exceeded its cap; parsing has stopped for good."""
+        return self._overflowed
+
+    @property
+    def offset(self) -> int:
+        """Total number of bytes fed so far."""
+        return self._offset
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the incomplete line and the current event's data."""
+        return len(self._buf) + self._data_bytes
+
+    def feed(self, data: bytes) -> list[Event | Comment]:
+        """Consume ``data``; return the events and comments it completed, in stream order."""
+        if self._closed:
+            raise RuntimeError("SSEParser.feed() called after close()")
+        start = self._offset  # stream offset of data[0]
+        self._offset = start + len(data)
+        if self._overflowed or not data:
+            return []
+        buf = self._buf
+        if self._bom_pending:
+            buf += data
+            if len(buf) < 3 and _BOM.startswith(buf):
+                return []  # still maybe a BOM; a BOM prefix holds no line end
+            self._bom_pending = False
+            data = bytes(buf)
+            buf.clear()
+            start = 0
+            if data.startswith(_BOM):
+                data = data[3:]
+                start = 3
+                if not data:
+                    return []
+        elif self._skip_lf:
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+                start += 1
+                if not data:
+                    return []
+        if buf:
+            if b"\n" not in data and b"\r" not in data:
+                buf += data
+                if len(buf) > self._max_line:
+                    self._overflow()
+                return []
+            data = bytes(buf) + data
+            start = self._buf_start
+            buf.clear()
+        return self._parse(data, start)
+
+    def close(self) -> list[Event | Comment]:
+        """Mark EOF. An incomplete line and an undispatched event are discarded (per spec)."""
+        self._closed = True
+        self._buf = bytearray()
+        self._data = []
+        self._data_bytes = 0
+        return []
+
+    def _overflow(self) -> None:
+        self._overflowed = True
+        self._buf = bytearray()
+        self._data = []
+        self._data_bytes = 0
+
+    def _parse(self, chunk: bytes, pos: int) -> list[Event | Comment]:
+        """Parse ``chunk`` (which starts at stream offset ``pos`` with a fresh line)."""
+        ends: list[int] | None
+        if b"\r" in chunk:
+            lines = chunk.splitlines(True)
+            last = lines[-1][-1]
+            if last == _CR:
+                self._skip_lf = True
+                tail = b""
+            elif last == _LF:
+                tail = b""
+            else:
+                tail = lines.pop()
+            contents: list[bytes] = []
+            ends = []
+            for line in lines:
+                pos += len(line)
+                if line[-1] == _LF and len(line) > 1 and line[-2] == _CR:
+                    contents.append(line[:-2])
+                    ends.append(pos - 1)  # just after the CR: see the module docstring
+                else:
+                    contents.append(line[:-1])
+                    ends.append(pos)
+        else:
+            contents = chunk.split(b"\n")
+            tail = contents.pop()
+            ends = None
+
+        out: list[Event | Comment] = []
+        max_line = self._max_line
+        max_event = self._max_event
+        data = self._data
+        data_bytes = self._data_bytes
+        event_type = self._event_type
+        retry = self._retry
+        end = pos
+        i = -1
+        for line in contents:
+            i += 1
+            if ends is None:
+                end += len(line) + 1
+            else:
+                end = ends[i]
+            if not line:
+                # Blank line: dispatch.
+                if data:
+                    self.events += 1
+                    out.append(
+                        _new_event(
+                            b"\n".join(data).decode("utf-8", "replace"),
+                            event_type or "message",
+                            self.last_id,
+                            retry,
+                            end,
+                        )
+                    )
+                    data.clear()
+                    data_bytes = 0
+                event_type = ""
+                retry = None
+                continue
+            if len(line) > max_line:
+                self._overflow()
+                return out
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+            else:
+                colon = line.find(b":")
+                if colon == 0:
+                    out.append(Comment(line[1:].decode("utf-8", "replace"), end))
+                    continue
+                if colon < 0:
+                    name = line
+                    value = b""
+                else:
+                    name = line[:colon]
+                    colon += 1
+                    if line[colon : colon + 1] == b" ":
+                        colon += 1
+                    value = line[colon:]
+                if name == b"event":
+                    event_type = value.decode("utf-8", "replace")
+                    continue
+                if name == b"id":
+                    if b"\x00" not in value:
+                        self.last_id = value.decode("utf-8", "replace")
+                    continue
+                if name == b"retry":
+                    if value.isdigit():  # bytes.isdigit(): ASCII digits only, non-empty
+                        retry = int(value)
+                    continue
+                if name != b"data":
+                    continue  # unknown field: ignored
+            data.append(value)
+            data_bytes += len(value) + 1
+            if data_bytes > max_event:
+                self._overflow()
+                return out
+        self._data_bytes = data_bytes
+        self._event_type = event_type
+        self._retry = retry
+        if tail:
+            if len(tail) > max_line:
+                self._overflow()
+            else:
+                self._buf += tail
+                self._buf_start = self._offset - len(tail)
+        return out

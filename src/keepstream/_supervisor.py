@@ -1,0 +1,397 @@
+"""The stream supervisor: owns every live stream in one nursery that outlives any request.
+
+A stream is one task (:meth:`LiveStream.run`): upstream fetch -> journal + live buffer ->
+subscribers, inside a cancel scope that carries the route's deadlines. Its single ``finally``
+persists the terminal status under ``trio.move_on_after(persist_timeout, shield=True)``; nothing
+else ever writes a terminal status (I1). Requests are only subscribers: they read the live buffer
+from their own offset and never own the upstream connection, so the stream can outlive them
+(``on_disconnect = "finish"``, detached streams).
+
+Memory (I8): the live buffer keeps the bytes from the slowest subscriber's offset, capped at
+``stream_buffer_bytes``. Bytes past the cap that the journal has already made durable are dropped
+from memory; a subscriber that falls behind them reads the journal instead. Bytes not yet durable
+are never dropped (the journal writer flushes once ``flush_bytes`` are pending, so this is
+bounded too). With journal ``none`` a subscriber that falls behind the cap is dropped as stalled.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from ._config import Config, Route
+from ._journal import JournalWriter
+from ._record import Record, new_stream_id
+from ._rules import filter_response_headers
+from ._sse import Event, SSEParser
+from ._state import Ending, Status, pick_ending, terminal_status
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class StreamRefused(Exception):
+    """A new stream could not be started; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Lagging(Exception):
+    """The subscriber's offset is older than the live buffer: read the journal instead."""
+
+
+@dataclass(slots=True, eq=False)
+class Subscriber:
+    offset: int = 0
+    dropped: bool = False
+
+
+class LiveStream:
+    """One stream's state while it runs. Only its own task (``run``) mutates the buffer."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        record: Record,
+        route: Route,
+        url: str,
+        headers: Headers,
+        body: bytes,
+    ) -> None:
+        self.supervisor = supervisor
+        self.record = record
+        self.route = route
+        self.url = url
+        self.request_headers = headers
+        self.request_body = body
+        self.scope = trio.CancelScope()
+        self.response_ready = trio.Event()
+        self.done = trio.Event()
+        self.finished = False  # terminal status persisted (or persist deadline passed)
+        self.upstream_status: int | None = None
+        self.response_headers: Headers = []
+        self.is_sse = False
+        self.error_status = 502
+        self._causes: list[Ending] = []
+        self._reason: str | None = None
+        # live buffer: _chunks[i] starts at stream offset _starts[i]; valid from index _head
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []
+        self._head = 0
+        self.base = 0  # offset of the first byte still in memory
+        self.end = 0  # bytes received from the upstream so far
+        self._waiter: trio.Event | None = None
+        self._subs: list[Subscriber] = []
+        self._fixed_deadline = float("inf")
+        self._finish_deadline = False  # the finish_timeout deadline is in force
+        self.parser: SSEParser | None = None
+
+    # -- subscribers ----------------------------------------------------------------------
+
+    def subscribe(self, offset: int = 0) -> Subscriber:
+        sub = Subscriber(offset)
+        self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber, *, client_left: bool) -> None:
+        """A request stopped reading. ``client_left``: it stopped before the end of the stream."""
+        if sub in self._subs:
+            self._subs.remove(sub)
+        if client_left and not self.finished and not self._subs and not self.record.detached:
+            self._client_gone()
+
+    def _client_gone(self) -> None:
+        rec = self.record
+        if rec.client_gone_at is None:
+            rec.client_gone_at = time.time()
+            self.supervisor.writer.touch(rec)
+        if self.route.on_disconnect == "cancel":
+            self.stop(Ending.CLIENT_GONE_CANCEL, "client disconnected")
+        else:
+            self._fixed_deadline = min(
+                self._fixed_deadline, trio.current_time() + self.route.finish_timeout
+            )
+            self._finish_deadline = True
+            self.scope.deadline = min(self.scope.deadline, self._fixed_deadline)
+
+    def stop(self, ending: Ending, reason: str) -> None:
+        """End the stream on purpose (cancel, client gone, shutdown). Idempotent."""
+        if not self.finished:
+            self._causes.append(ending)
+            if self._reason is None:
+                self._reason = reason
+            self.scope.cancel()
+
+    def read(self, sub: Subscriber) -> bytes:
+        """Every buffered byte from ``sub.offset`` on, joined (b"" if none yet)."""
+        offset = sub.offset
+        if offset >= self.end:
+            return b""
+        if offset < self.base:
+            raise Lagging
+        i = bisect_right(self._starts, offset, lo=self._head) - 1
+        first = self._chunks[i]
+        skip = offset - self._starts[i]
+        if skip:
+            first = first[skip:]
+        if i == len(self._chunks) - 1:
+            return first
+        return first + b"".join(self._chunks[i + 1 :])
+
+    async def wait_data(self, offset: int) -> None:
+        """Return once bytes past ``offset`` arrived or the stream finished."""
+        while offset >= self.end and not self.finished:
+            if self._waiter is None:
+                self._waiter = trio.Event()
+            await self._waiter.wait()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    def _push(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._starts.append(self.end)
+        self.end += len(data)
+        self._wake()
+        if self.end - self.base > self.supervisor.buffer_cap:
+            self._trim()
+
+    def _trim(self) -> None:
+        sup = self.supervisor
+        low = min((s.offset for s in self._subs), default=self.end)
+        want = max(low, self.end - sup.buffer_cap)
+        if sup.writer.backend.stores_bodies:
+            want = min(want, sup.writer.committed_bytes(self.record.id))
+        else:
+            for s in self._subs:
+                if s.offset < want:
+                    s.dropped = True
+        i = self._head
+        n = len(self._chunks)
+        while i < n - 1 and self._starts[i + 1] <= want:
+            i += 1
+        if i == self._head:
+            return
+        for j in range(self._head, i):
+            self._chunks[j] = b""
+        self._head = i
+        self.base = self._starts[i]
+        if self._head > 256 and self._head * 2 > n:
+            del self._chunks[: self._head]
+            del self._starts[: self._head]
+            self._head = 0
+
+    # -- the stream task ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        sup = self.supervisor
+        rec = self.record
+        route = self.route
+        writer = sup.writer
+        start = trio.current_time()
+        self._fixed_deadline = start + route.total_timeout
+        if rec.detached:
+            self._fixed_deadline = min(self._fixed_deadline, start + route.finish_timeout)
+        phase = "first_byte"
+        try:
+            try:
+                with self.scope:
+                    self.scope.deadline = min(
+                        self._fixed_deadline, start + route.first_byte_timeout
+                    )
+                    async with sup.client.stream(
+                        rec.method, self.url, headers=self.request_headers,
+                        content=self.request_body,
+                    ) as resp:
+                        rec.upstream_status = self.upstream_status = resp.status_code
+                        rec.first_byte_at = time.time()
+                        raw_headers = resp.headers.raw
+                        self.response_headers = filter_response_headers(raw_headers)
+                        ctype = resp.headers.get("content-type", "")
+                        if ctype.startswith("text/event-stream"):
+                            self.is_sse = True
+                            self.parser = SSEParser(
+                                max_line_bytes=sup.config.server.max_line_bytes,
+                                max_event_bytes=sup.config.server.max_event_bytes,
+                            )
+                        writer.touch(rec)
+                        self.response_ready.set()
+                        phase = "idle"
+                        idle = route.idle_timeout
+                        scope = self.scope
+                        parser = self.parser
+                        scope.deadline = min(self._fixed_deadline, trio.current_time() + idle)
+                        async for chunk in resp.aiter_raw():
+                            if not chunk:
+                                continue
+                            self._push(chunk)
+                            writer.append(rec, chunk)
+                            rec.bytes += len(chunk)
+                            if parser is not None and not parser.overflowed:
+                                items = parser.feed(chunk)
+                                if items:
+                                    self._count_events(items)
+                            scope.deadline = min(
+                                self._fixed_deadline, trio.current_time() + idle
+                            )
+                    self._causes.append(Ending.UPSTREAM_DONE)
+            except httpx.PoolTimeout:
+                self._fail(Ending.UPSTREAM_FAILED, "upstream connection pool exhausted", 503)
+            except httpx.ConnectTimeout:
+                self._fail(Ending.DEADLINE, "connect_timeout", 504)
+            except httpx.TimeoutException as exc:
+                self._fail(Ending.DEADLINE, f"timeout: {exc!r}", 504)
+            except httpx.ConnectError as exc:
+                self._fail(Ending.UPSTREAM_FAILED, f"connect failed: {exc}", 502)
+            except (httpx.HTTPError, OSError) as exc:
+                self._fail(Ending.UPSTREAM_FAILED, f"{type(exc).__name__}: {exc}", 502)
+            if self.scope.cancelled_caught and not self._causes:
+                now = trio.current_time()
+                if now >= start + route.total_timeout:
+                    why = "total_timeout"
+                elif (self._finish_deadline or rec.detached) and now >= self._fixed_deadline:
+                    why = "finish_timeout"
+                else:
+                    why = f"{phase}_timeout"
+                self._fail(Ending.DEADLINE, why, 504)
+        finally:
+            if not self._causes:
+                # Cancelled from outside (the supervisor's nursery): shutdown.
+                self._causes.append(Ending.SHUTDOWN)
+                self._reason = self._reason or "shutdown"
+            ending = pick_ending(self._causes)
+            status = terminal_status(ending)
+            reason = None if status is Status.COMPLETED else (self._reason or ending.value)
+            rec.finish(status, reason)
+            if status in (Status.INTERRUPTED, Status.CANCELLED) and self.error_status == 502:
+                self.error_status = 503
+            with trio.move_on_after(sup.config.server.persist_timeout, shield=True):
+                await writer.commit(rec)
+            self.finished = True
+            self._wake()
+            self.response_ready.set()
+            self.done.set()
+            sup._stream_ended(self)
+
+    def _fail(self, ending: Ending, reason: str, http_status: int) -> None:
+        self._causes.append(ending)
+        if self._reason is None:
+            self._reason = reason
+        self.error_status = http_status
+
+    def _count_events(self, items: Sequence[object]) -> None:
+        rec = self.record
+        for item in items:
+            if type(item) is Event:
+                rec.events += 1
+                rec.last_event_id = item.id
+
+
+class Supervisor:
+    """Owns the live streams (see module docstring). Created by ``open_proxy``."""
+
+    def __init__(
+        self,
+        config: Config,
+        writer: JournalWriter,
+        client: httpx.AsyncClient,
+        nursery: trio.Nursery,
+        instance: str,
+    ) -> None:
+        self.config = config
+        self.writer = writer
+        self.client = client
+        self.nursery = nursery
+        self.instance = instance
+        self.buffer_cap = config.server.stream_buffer_bytes
+        self.live: dict[str, LiveStream] = {}
+        self.draining = False
+        self.drain_started: float | None = None
+        self._accept_until = 0.0
+        self.started_total = 0
+        self.recovered = 0  # records orphaned by start-up recovery
+        self.ended_total: dict[str, int] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def accepting(self) -> bool:
+        return not self.draining or trio.current_time() < self._accept_until
+
+    async def start_stream(
+        self,
+        route: Route,
+        method: str,
+        path: str,
+        url: str,
+        headers: Headers,
+        body: bytes,
+        *,
+        detached: bool = False,
+    ) -> LiveStream:
+        """Create the record (durably) and start the stream task; raise StreamRefused."""
+        if not self.accepting():
+            raise StreamRefused(503, "keepstream is shutting down", retry_after=1)
+        if len(self.live) >= self.config.server.max_streams:
+            raise StreamRefused(503, "too many concurrent streams", retry_after=1)
+        rec = Record(
+            id=new_stream_id(), instance=self.instance, route=route.prefix, method=method,
+            path=path, detached=detached,
+        )
+        stream = LiveStream(self, rec, route, url, headers, body)
+        self.live[rec.id] = stream
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.started_total += 1
+        with trio.move_on_after(self.config.server.persist_timeout) as cs:
+            await self.writer.commit(rec)
+        if cs.cancelled_caught:
+            del self.live[rec.id]
+            self.started_total -= 1
+            if not self.live:
+                self._idle.set()
+            raise StreamRefused(503, "the journal cannot record new streams", retry_after=1)
+        self.nursery.start_soon(stream.run, name=f"keepstream stream {rec.id}")
+        return stream
+
+    def _stream_ended(self, stream: LiveStream) -> None:
+        self.live.pop(stream.record.id, None)
+        key = str(stream.record.status)
+        self.ended_total[key] = self.ended_total.get(key, 0) + 1
+        if not self.live:
+            self._idle.set()
+
+    def begin_drain(self) -> None:
+        """Readiness false now; stop accepting (after ``drain_delay``). Idempotent."""
+        if not self.draining:
+            self.draining = True
+            self.drain_started = trio.current_time()
+            self._accept_until = self.drain_started + self.config.server.drain_delay
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def interrupt_all(self, reason: str = "shutdown after drain deadline") -> None:
+        for stream in list(self.live.values()):
+            stream.stop(Ending.SHUTDOWN, reason)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let streams run on up to ``timeout`` (default ``drain_timeout``),
+        interrupt the rest and wait until every one is persisted."""
+        self.begin_drain()
+        server = self.config.server
+        if timeout is None:
+            timeout = server.drain_delay + server.drain_timeout
+        with trio.move_on_after(timeout):
+            await self.wait_idle()
+        self.interrupt_all()
+        with trio.move_on_after(server.persist_timeout + 0.5, shield=True):
+            await self.wait_idle()

@@ -1,0 +1,31 @@
+"""keepstream.testing: a fault-injection toolkit for your own pytest-trio suites.
+
+* :func:`run_fake_upstream` / :class:`FakeUpstream`: a scriptable HTTP/1.1 origin on loopback
+  whose faults are chosen per request with ``X-Fake-*`` headers, recording what it sent.
+* :func:`run_fault_proxy` / :class:`FaultProxy`: a TCP proxy with Toxiproxy's toxics.
+* :func:`chaos_request`: a raw HTTP client that misbehaves on purpose.
+* :func:`run_keepstream`: keepstream in-process on a loopback port.
+
+The pytest plugin (``pytest -p keepstream.testing``, auto-loaded when keepstream is installed)
+exposes these as fixtures: ``fake_upstream``, ``fault_proxy_factory``, ``keepstream_factory``.
+"""
+
+from ._client import ChaosResult, chaos_request
+from ._faultproxy import FaultProxy, Toxic, run_fault_proxy
+from ._harness import RunningKeepstream, run_keepstream
+from ._upstream import FakeResponseSpec, FakeUpstream, UpstreamExchange, run_fake_upstream, sse_body
+
+__all__ = [
+    "ChaosResult",
+    "FakeResponseSpec",
+    "FakeUpstream",
+    "FaultProxy",
+    "RunningKeepstream",
+    "Toxic",
+    "UpstreamExchange",
+    "chaos_request",
+    "run_fake_upstream",
+    "run_fault_proxy",
+    "run_keepstream",
+    "sse_body",
+]

@@ -185,9 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(f"keepstream listening on {b}", flush=True)
 
     if config.server.workers > 1:
-        from ._workers import run_workers
-
-        return int(run_workers(config))
+        raise ConfigError("server.workers", "more than one worker is not supported yet")
     trio.run(main)
     print("keepstream: drained, exiting", file=sys.stderr, flush=True)
     return 0

@@ -105,7 +105,8 @@ async def _demo(live: bool) -> bool:
             async with run_keepstream(config) as ks:
                 view.say(f"fake LLM upstream on {upstream.url}; keepstream on {ks.url}")
                 view.say(f"journal: {journal}")
-                spec = FakeResponseSpec(events=_EVENTS, interval=_INTERVAL, style="llm", event_size=48)
+                spec = FakeResponseSpec(events=_EVENTS, interval=_INTERVAL, style="llm",
+                                        event_size=48)
                 expected = spec.expected_body()
                 view.say()
                 view.say("1. a client reads a completion to the end (route /finish/)")

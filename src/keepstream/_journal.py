@@ -29,7 +29,6 @@ import trio
 from ._config import JournalConfig, journal_kind
 from ._errors import JournalError
 from ._record import Record
-from ._state import Status
 
 _COLUMNS = (
     "id", "instance", "route", "method", "path", "status", "reason", "upstream_status",
@@ -329,7 +328,6 @@ class JournalWriter:
         self._commits = 0
         self._w_limiter = trio.CapacityLimiter(1)
         self._r_limiter = trio.CapacityLimiter(1)
-        self._committed: dict[str, int] = {}
         self._flushing = False
         self.failures = 0
         self.last_error: str | None = None
@@ -431,7 +429,7 @@ class JournalWriter:
         self._urgent = False
         for entry in entries:
             rec = entry.record
-            offset = entry.prev = self._committed.get(rec.id, 0)
+            offset = entry.prev = rec.journaled
             if entry.chunks:
                 data = entry.chunks[0] if len(entry.chunks) == 1 else b"".join(entry.chunks)
                 batch.chunks.append((rec.id, offset, data))
@@ -439,7 +437,7 @@ class JournalWriter:
             row = rec.row()
             row["bytes"] = offset
             batch.rows.append(row)
-            self._committed[rec.id] = offset
+            rec.journaled = offset
         return batch, entries
 
     async def _flush(self) -> None:
@@ -456,15 +454,14 @@ class JournalWriter:
             self.failures += 1
             self.last_error = str(exc)
             for entry in entries:
-                self._committed[entry.record.id] = entry.prev
+                entry.record.journaled = entry.prev
             self._restore(entries)
             await trio.sleep(min(1.0, self._interval * 2))
             self._wakeup.set()
             return
         self._flushing = False
-        for row in batch.rows:
-            if row["status"] != Status.OPEN:
-                self._committed.pop(row["id"], None)
+        for entry in entries:
+            entry.record.durable = entry.record.journaled
         self.last_error = None
         self._signal_commit()
 
@@ -479,10 +476,6 @@ class JournalWriter:
             self._pending_bytes += sum(len(c) for c in entry.chunks)
         self._pending.update(newer)
         self._dirty = True
-
-    def committed_bytes(self, stream_id: str) -> int:
-        """Body bytes of an open stream already durable in the journal."""
-        return self._committed.get(stream_id, 0)
 
     def _signal_commit(self) -> None:
         self._commits += 1

@@ -215,18 +215,20 @@ async def open_proxy(
         await trio.to_thread.run_sync(backend.close) if backend.threaded else backend.close()
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for e in exc.exceptions:
+            out += _leaves(e)
+        return out
+    return [exc]
+
+
 def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup[BaseException]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                walk(e)
-            else:
-                leaves.append(e)
-
-    walk(group)
-    return all(e is exc or isinstance(e, trio.Cancelled) for e in leaves) and exc in leaves
+    """True when every non-Cancelled leaf of ``group`` came from ``exc`` (the block's own)."""
+    own = {id(e) for e in _leaves(exc)}
+    leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    return bool(leaves) and all(id(e) in own for e in leaves)
 
 
 __all__ = ["Proxy", "StreamHandle", "StreamRefused", "open_proxy"]

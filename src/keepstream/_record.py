@@ -57,6 +57,9 @@ class Record:
     events: int = 0
     detached: bool = False
     last_event_id: str | None = None
+    # Journal bookkeeping (not columns): body bytes handed to a transaction, and bytes durable.
+    journaled: int = 0
+    durable: int = 0
 
     def finish(self, status: Status, reason: str | None, now: float | None = None) -> None:
         check_transition(self.status, status)

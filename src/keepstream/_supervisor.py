@@ -110,6 +110,8 @@ class LiveStream:
 
     def _client_gone(self) -> None:
         rec = self.record
+        if rec.status is not Status.OPEN:
+            return  # already terminal (its persist is in flight): the record is final
         if rec.client_gone_at is None:
             rec.client_gone_at = time.time()
             self.supervisor.writer.touch(rec)
@@ -171,7 +173,7 @@ class LiveStream:
         low = min((s.offset for s in self._subs), default=self.end)
         want = max(low, self.end - sup.buffer_cap)
         if sup.writer.backend.stores_bodies:
-            want = min(want, sup.writer.committed_bytes(self.record.id))
+            want = min(want, self.record.durable)
         else:
             for s in self._subs:
                 if s.offset < want:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import trio
 
 from .._config import Config
-from .._proxy import Proxy, open_proxy
+from .._proxy import Proxy, _only, open_proxy
 from .._server import run_server
 
 
@@ -68,16 +68,27 @@ async def run_keepstream(config: Config) -> AsyncIterator[RunningKeepstream]:
         config, server=dataclasses.replace(config.server, bind="127.0.0.1:0")
     )
     stop = trio.Event()
-    async with open_proxy(config) as proxy, trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            lambda task_status: run_server(
-                proxy, config, shutdown_trigger=stop.wait, handle_signals=False,
-                task_status=task_status,
-            )
-        )
-        url = binds[0]
-        port = int(url.rsplit(":", 1)[1])
+    body_exc: BaseException | None = None
+    async with open_proxy(config) as proxy:
         try:
-            yield RunningKeepstream(proxy, url, port, stop)
-        finally:
-            stop.set()
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(
+                    lambda task_status: run_server(
+                        proxy, config, shutdown_trigger=stop.wait, handle_signals=False,
+                        task_status=task_status,
+                    )
+                )
+                url = binds[0]
+                port = int(url.rsplit(":", 1)[1])
+                try:
+                    yield RunningKeepstream(proxy, url, port, stop)
+                except BaseException as exc:
+                    body_exc = exc
+                    raise
+                finally:
+                    stop.set()
+        except BaseExceptionGroup as group:
+            # The block's own exception leaves unchanged, not wrapped in our nursery's group.
+            if body_exc is not None and _only(group, body_exc):
+                raise body_exc from None
+            raise

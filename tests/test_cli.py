@@ -1,0 +1,105 @@
+"""The CLI of DESIGN section 4, as a user runs it: a real ``keepstream serve`` subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from keepstream._cli import main
+from keepstream._record import RECORD_FIELDS
+from keepstream.testing import FakeResponseSpec, FakeUpstream, chaos_request
+
+KEEPSTREAM = [sys.executable, "-m", "keepstream"]
+
+
+async def _start_serve(args: list[str]) -> tuple[trio.Process, int]:
+    proc = await trio.lowlevel.open_process(
+        [*KEEPSTREAM, "serve", "--bind", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(20):
+        while b"\n" not in buf:
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, "keepstream serve exited before listening"
+            buf += chunk
+    line = buf.split(b"\n", 1)[0].decode()
+    assert line.startswith("keepstream listening on http://127.0.0.1:"), line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*KEEPSTREAM, *args], capture_output=True, timeout=30, check=False)
+
+
+async def test_serve_proxies_sse_and_post_byte_for_byte(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    journal = f"sqlite:///{tmp_path / 'ks.db'}"
+    proc, port = await _start_serve(["--upstream", fake_upstream.url, "--journal", journal])
+    spec = FakeResponseSpec(events=25, style="llm", interval=0.002)
+    payload = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    try:
+        with trio.fail_after(20):
+            sse = await chaos_request(port, "GET", "/v1/chat", headers=spec.headers())
+            post = await chaos_request(port, "POST", "/echo", body=payload,
+                                       headers=[("Content-Type", "application/json")])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            code = await proc.wait()
+    assert code == 0
+    assert sse.status == 200 and sse.complete and sse.body == spec.expected_body()
+    assert post.status == 200 and post.body == payload
+    for res, expected in ((sse, spec.expected_body()), (post, payload)):
+        sid = res.header("keepstream-id")
+        assert sid is not None
+        body = _cli("streams", "show", sid.decode(), "--journal", journal, "--body")
+        assert body.returncode == 0 and body.stdout == expected
+        shown = _cli("streams", "show", sid.decode(), "--journal", journal, "--json")
+        rec = json.loads(shown.stdout)
+        assert list(rec) == list(RECORD_FIELDS)
+        assert rec["status"] == "completed" and rec["bytes"] == len(expected)
+        assert rec["ended_at"].endswith("Z") and rec["client_gone_at"] is None
+    listed = json.loads(_cli("streams", "list", "--journal", journal, "--json").stdout)
+    assert len(listed) == 2
+    table = _cli("streams", "list", "--journal", journal).stdout.decode()
+    assert "completed" in table and "status" in table.splitlines()[0]
+
+
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[server]\nbind = "127.0.0.1:8080"\ndrain_timeout = 8.0\nstop_grace = 10.0\n'
+        '[journal]\nurl = "sqlite:///x.db"\n'
+        '[[routes]]\nprefix = "/v1/"\nupstream = "http://127.0.0.1:9000/v1/"\n'
+        'on_disconnect = "cancel"\nfinish_timeout = 300.0\nresumable = false\n'
+    )
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\ndrain_timeout = 9.0\nstop_grace = 10.0\n')
+    assert main(["check-config", str(bad)]) == 2
+    assert "server.stop_grace" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('[[routes]]\nprefix = "/"\nupstream = "http://h:1"\nfinsh_timeout = 3\n')
+    assert main(["check-config", str(unknown)]) == 2
+    assert "routes[0].finsh_timeout: unknown key" in capsys.readouterr().err
+
+
+def test_streams_show_unknown_id(tmp_path: Path) -> None:
+    journal = f"sqlite:///{tmp_path / 'none.db'}"
+    assert _cli("streams", "list", "--journal", journal).returncode == 1
+    res = _cli("streams", "show", "deadbeef", "--journal", "memory:")
+    assert res.returncode == 1 and b"no stream" in res.stderr
+
+
+def test_serve_without_routes_is_a_config_error() -> None:
+    res = _cli("serve", "--bind", "127.0.0.1:0", "--journal", "none")
+    assert res.returncode == 2 and b"routes" in res.stderr

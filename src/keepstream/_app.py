@@ -309,10 +309,38 @@ class KeepstreamApp:
                     "headers": headers})
         if not await _pump(stream, sub, send, self.supervisor):
             return False
-        if stream.record.status is Status.COMPLETED:
+        status = stream.record.status
+        if status is Status.COMPLETED:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return True
-        return True  # ended badly: return without a final body; Hypercorn cuts the connection
+        elif status is Status.INTERRUPTED and stream.is_sse:
+            # Shutdown cut the stream: tell the SSE client where to resume, then end properly.
+            with trio.move_on_after(self.config.server.persist_timeout, shield=True):
+                await send({"type": "http.response.body", "body": reconnect_event(stream),
+                            "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # Any other ending: return without a final body; Hypercorn cuts the connection, so the
+        # client never sees a clean end of body that fakes completion.
+        return True
+
+
+def reconnect_event(stream: LiveStream) -> bytes:
+    """The last SSE event of a stream cut by shutdown: where to resume, and how soon.
+
+    If the upstream's bytes stopped inside an event, a blank line first ends it (the client
+    then sees that partial event; the resume point is before it, so it is sent again whole).
+    """
+    rec = stream.record
+    payload = json.dumps({
+        "keepstream_id": rec.id,
+        "status": str(rec.status),
+        "last_event_id": rec.last_event_id,
+        "offset": stream.boundary,
+        "resume": f"/_keepstream/streams/{rec.id}/body?offset={stream.boundary}",
+    }, separators=(",", ":")).encode()
+    lead = b"\n\n" if stream.end != stream.boundary else b""
+    id_line = b"id: " + rec.last_event_id.encode() + b"\n" if rec.last_event_id else b""
+    return lead + b"event: keepstream-reconnect\n" + id_line + b"retry: 1000\ndata: " + \
+        payload + b"\n\n"
 
 
 async def _pump(stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor) -> bool:

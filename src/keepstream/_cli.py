@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from ._config import Config, JournalConfig, Route
+from ._config import SHUTDOWN_MARGIN, Config, JournalConfig, Route
 from ._errors import ConfigError, JournalError
 from ._journal import open_backend
 from ._record import record_json
@@ -175,17 +175,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("routes", "no routes: give --upstream URL or [[routes]] in --config")
     from ._server import serve
 
-    async def main() -> None:
-        async def announce(binds: list[str]) -> None:
-            pass
+    if config.server.workers > 1:
+        from ._workers import run_workers
 
+        return run_workers(config)
+    hard_exit = config.server.persist_timeout + SHUTDOWN_MARGIN + 1.0
+
+    async def main() -> None:
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(serve, config)
+            binds: list[str] = await nursery.start(
+                lambda task_status: serve(config, hard_exit_after_drain=hard_exit,
+                                          task_status=task_status))
             for b in binds:
                 print(f"keepstream listening on {b}", flush=True)
 
-    if config.server.workers > 1:
-        raise ConfigError("server.workers", "more than one worker is not supported yet")
     trio.run(main)
     print("keepstream: drained, exiting", file=sys.stderr, flush=True)
     return 0

@@ -399,9 +399,11 @@ class JournalWriter:
 
     # -- the task -------------------------------------------------------------------------
 
-    async def setup(self, instance: str) -> int:
+    async def setup(self, instance: str, *, recover: bool = True) -> int:
         """Open the backend and orphan records left open by other (dead) instances."""
         await self._call(self._w_limiter, self.backend.setup)
+        if not recover:
+            return 0
         orphaned: int = await self._call(self._w_limiter, self.backend.recover, instance)
         return orphaned
 

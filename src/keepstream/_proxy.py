@@ -167,14 +167,16 @@ class Proxy:
 
 @asynccontextmanager
 async def open_proxy(
-    config: Config, *, client: httpx.AsyncClient | None = None
+    config: Config, *, client: httpx.AsyncClient | None = None, recover: bool = True
 ) -> AsyncIterator[Proxy]:
     """Run keepstream's supervisor and journal writer for the duration of the block.
 
     On exit, live streams drain (up to ``drain_delay + drain_timeout``), the rest are
     interrupted and every record is persisted before this returns. ``client`` lets tests and
     embedders supply their own ``httpx.AsyncClient`` (for example one with a custom transport);
-    it is then not closed here.
+    it is then not closed here. ``recover=False`` skips start-up recovery (records left
+    ``open`` by dead instances become ``orphaned`` only when it runs; with several processes on
+    one journal, run it once before they start).
     """
     backend = open_backend(config.journal.url)
     writer = JournalWriter(backend, config.journal)
@@ -182,7 +184,7 @@ async def open_proxy(
     own_client = client is None
     body_exc: BaseException | None = None
     try:
-        orphaned = await writer.setup(instance)
+        orphaned = await writer.setup(instance, recover=recover)
         upstream = make_client(config) if client is None else client
         try:
             async with trio.open_nursery() as root:

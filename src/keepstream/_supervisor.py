@@ -28,7 +28,7 @@ from ._config import Config, Route
 from ._journal import JournalWriter
 from ._record import Record, new_stream_id
 from ._rules import filter_response_headers
-from ._sse import Event, SSEParser
+from ._sse import Comment, Event, SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
 
 Headers = list[tuple[bytes, bytes]]
@@ -93,6 +93,7 @@ class LiveStream:
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
+        self.boundary = 0  # stream offset just after the last complete SSE event or comment
 
     # -- subscribers ----------------------------------------------------------------------
 
@@ -291,12 +292,13 @@ class LiveStream:
             self._reason = reason
         self.error_status = http_status
 
-    def _count_events(self, items: Sequence[object]) -> None:
+    def _count_events(self, items: Sequence[Event | Comment]) -> None:
         rec = self.record
         for item in items:
             if type(item) is Event:
                 rec.events += 1
                 rec.last_event_id = item.id
+        self.boundary = items[-1].end
 
 
 class Supervisor:

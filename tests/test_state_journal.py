@@ -83,9 +83,11 @@ async def test_writer_batches_and_commit_is_durable(
         for i in range(100):
             writer.append(rec, b"%d," % i)
             rec.bytes += len(b"%d," % i)
-        # Not yet flushed: the interval has not passed.
-        row = await writer.get(rec.id)
-        assert row is not None and row["bytes"] == 0
+        if kind == "memory":
+            # Not yet flushed: the interval has not passed. (With SQLite the read itself runs
+            # in a thread, during which the autojump clock may pass the interval.)
+            row = await writer.get(rec.id)
+            assert row is not None and row["bytes"] == 0
         with trio.fail_after(5):
             while rec.durable < rec.bytes:  # the flush runs after the interval, in a thread
                 await trio.sleep(0.01)

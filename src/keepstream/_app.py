@@ -32,7 +32,7 @@ from ._rules import (
     normalize_path,
 )
 from ._state import Ending, Status
-from ._supervisor import Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+from ._supervisor import MAX_SEND, Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -352,7 +352,9 @@ async def _pump(stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor
         try:
             data = stream.read(sub)
         except Lagging:
-            data = await writer.read_body(stream.record.id, sub.offset, stream.base - sub.offset)
+            data = await writer.read_body(
+                stream.record.id, sub.offset, min(stream.base - sub.offset, MAX_SEND)
+            )
         if data:
             await send({"type": "http.response.body", "body": data, "more_body": True})
             sub.offset += len(data)

@@ -329,6 +329,9 @@ class JournalWriter:
         self._w_limiter = trio.CapacityLimiter(1)
         self._r_limiter = trio.CapacityLimiter(1)
         self._flushing = False
+        self._inflight_bytes = 0
+        self._max_backlog = 4 * config.flush_bytes
+        self._room: trio.Event | None = None
         self.failures = 0
         self.last_error: str | None = None
 
@@ -360,6 +363,26 @@ class JournalWriter:
         if self._pending_bytes >= self._flush_bytes and not self._urgent:
             self._urgent = True
             self._wakeup.set()
+
+    @property
+    def backlog(self) -> int:
+        """Body bytes handed to the writer and not yet durable."""
+        return self._pending_bytes + self._inflight_bytes
+
+    def over_backlog(self) -> bool:
+        return self._pending_bytes + self._inflight_bytes > self._max_backlog
+
+    async def wait_room(self) -> None:
+        """Wait until the backlog is under ``4 * flush_bytes`` again.
+
+        Streams call this after appending: when the journal falls behind, the upstream reads
+        slow down (TCP backpressure to the upstream), so memory stays bounded while the journal
+        still keeps pace with the upstream rather than with any client.
+        """
+        while self.over_backlog():
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
 
     async def commit(self, record: Record) -> None:
         """Flush now, including ``record``'s row, and wait until that transaction is durable."""
@@ -447,11 +470,13 @@ class JournalWriter:
             self._signal_commit()
             return
         batch, entries = self._take_batch()
+        self._inflight_bytes = sum(len(c[2]) for c in batch.chunks)
         self._flushing = True
         try:
             await self._call(self._w_limiter, self.backend.commit, batch)
         except JournalError as exc:
             self._flushing = False
+            self._inflight_bytes = 0
             # Put the batch back in front of whatever arrived meanwhile; retried next flush.
             self.failures += 1
             self.last_error = str(exc)
@@ -462,6 +487,10 @@ class JournalWriter:
             self._wakeup.set()
             return
         self._flushing = False
+        self._inflight_bytes = 0
+        if self._room is not None:
+            self._room.set()
+            self._room = None
         for entry in entries:
             entry.record.durable = entry.record.journaled
         self.last_error = None

@@ -30,7 +30,7 @@ from ._rules import (
     match_route,
     normalize_path,
 )
-from ._supervisor import Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+from ._supervisor import MAX_SEND, Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
 
 
 def make_client(config: Config) -> httpx.AsyncClient:
@@ -79,7 +79,7 @@ class StreamHandle:
                 data = stream.read(sub)
             except Lagging:
                 data = await writer.read_body(stream.record.id, sub.offset,
-                                              stream.base - sub.offset)
+                                              min(stream.base - sub.offset, MAX_SEND))
             if data:
                 sub.offset += len(data)
                 yield data

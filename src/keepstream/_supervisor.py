@@ -33,6 +33,9 @@ from ._state import Ending, Status, pick_ending, terminal_status
 
 Headers = list[tuple[bytes, bytes]]
 
+#: Most bytes one downstream ``send()`` carries when several chunks are waiting.
+MAX_SEND = 16 * 1024
+
 
 class StreamRefused(Exception):
     """A new stream could not be started; ``status`` is the HTTP status to answer with."""
@@ -134,20 +137,38 @@ class LiveStream:
             self.scope.cancel()
 
     def read(self, sub: Subscriber) -> bytes:
-        """Every buffered byte from ``sub.offset`` on, joined (b"" if none yet)."""
+        """The buffered bytes from ``sub.offset`` on, joined (b"" if none yet).
+
+        Everything waiting goes out in one ``send()`` (coalescing), up to ``MAX_SEND`` bytes
+        (or one whole chunk, if larger), so a slow subscriber never costs a large copy.
+        """
         offset = sub.offset
         if offset >= self.end:
             return b""
+        if self.end - self.base > self.supervisor.buffer_cap:
+            # The journal may have caught up since the last push: drop what it now holds.
+            self._trim()
         if offset < self.base:
             raise Lagging
+        chunks = self._chunks
         i = bisect_right(self._starts, offset, lo=self._head) - 1
-        first = self._chunks[i]
+        first = chunks[i]
         skip = offset - self._starts[i]
         if skip:
             first = first[skip:]
-        if i == len(self._chunks) - 1:
+        last = len(chunks) - 1
+        if i == last or len(first) >= MAX_SEND:
             return first
-        return first + b"".join(self._chunks[i + 1 :])
+        if self.end - offset <= MAX_SEND:
+            return first + b"".join(chunks[i + 1 :])
+        parts = [first]
+        size = len(first)
+        j = i + 1
+        while j <= last and size + len(chunks[j]) <= MAX_SEND:
+            parts.append(chunks[j])
+            size += len(chunks[j])
+            j += 1
+        return b"".join(parts)
 
     async def wait_data(self, offset: int) -> None:
         """Return once bytes past ``offset`` arrived or the stream finished."""
@@ -244,6 +265,8 @@ class LiveStream:
                                 items = parser.feed(chunk)
                                 if items:
                                     self._count_events(items)
+                            if writer.over_backlog():
+                                await writer.wait_room()
                             scope.deadline = min(
                                 self._fixed_deadline, trio.current_time() + idle
                             )

@@ -14,6 +14,7 @@ chunk: a client never sees a clean end of body that fakes completion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -23,6 +24,7 @@ import trio
 
 from ._config import Config
 from ._record import record_json
+from ._resume import EventRewriter, EventSkipper, parse_ks_id, read_stream
 from ._rules import (
     RequestRejected,
     build_upstream_url,
@@ -66,6 +68,26 @@ async def send_error(
     await send_json(send, status, payload, extra)
 
 
+def _body_head(sid: str) -> Message:
+    return {"type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"application/octet-stream"),
+                        (b"cache-control", b"no-store"), (b"keepstream-id", sid.encode())]}
+
+
+def credential_hash(value: bytes | None) -> str | None:
+    """What the journal keeps of a caller's credential: its SHA-256, never the value."""
+    if not value:
+        return None
+    return hashlib.sha256(value).hexdigest()
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
 class KeepstreamApp:
     """ASGI app bound to one supervisor (``proxy.app``). No lifespan needed."""
 
@@ -73,6 +95,7 @@ class KeepstreamApp:
         self.supervisor = supervisor
         self.config: Config = supervisor.config
         self._prefixes = [r.prefix for r in self.config.routes]
+        self._cred_header = self.config.server.credential_header.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -115,62 +138,95 @@ class KeepstreamApp:
             await send_error(send, 404, "no such keepstream endpoint")
             return
         sid, tail = m.group(1), m.group(2)
+        headers: list[tuple[bytes, bytes]] = list(scope["headers"])
+        live = sup.live.get(sid)
+        row = live.record.row() if live is not None else await sup.writer.get(sid)
+        if row is None or not self._may_access(row, headers):
+            # Unknown and foreign ids look the same.
+            await send_error(send, 404, "no such stream")
+            return
         if tail == "/cancel":
             if method != "POST":
                 await send_error(send, 405, "use POST")
                 return
-            stream = sup.live.get(sid)
-            if stream is not None:
-                stream.stop(Ending.CANCEL_REQUESTED, "cancel endpoint")
+            if live is not None:
+                live.stop(Ending.CANCEL_REQUESTED, "cancel endpoint")
                 with trio.move_on_after(self.config.server.persist_timeout + 0.5):
-                    await stream.done.wait()
-            row = await sup.writer.get(sid) if stream is None else stream.record.row()
-            if row is None:
-                await send_error(send, 404, "no such stream")
-                return
+                    await live.done.wait()
+                row = live.record.row()
             await send_json(send, 200, record_json(row))
             return
         if method not in ("GET", "HEAD"):
             await send_error(send, 405, "use GET")
             return
         if tail == "/body":
-            await self._body(scope, sid, send)
-            return
-        live = sup.live.get(sid)
-        row = live.record.row() if live is not None else await sup.writer.get(sid)
-        if row is None:
-            await send_error(send, 404, "no such stream")
+            await self._body(scope, sid, headers, send)
             return
         await send_json(send, 200, record_json(row))
 
-    async def _body(self, scope: Scope, sid: str, send: Send) -> None:
-        """The journaled body, then the live tail while the stream is open."""
+    def _may_access(self, row: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> bool:
+        """The creator's credential, or the admin's. A stream created without a credential is
+        reachable by its id alone (the id carries 80 random bits)."""
+        caller = credential_hash(_header(headers, self._cred_header))
+        admin = self.config.server.admin_token_sha256
+        if admin and caller == admin:
+            return True
+        owner = row.get("owner")
+        return owner is None or owner == caller
+
+    async def _body(
+        self, scope: Scope, sid: str, headers: list[tuple[bytes, bytes]], send: Send
+    ) -> None:
+        """The journaled body, then the live tail while the stream is open, then a proper end.
+
+        Start point: ``?offset=<byte>``, ``?after=<event seq>``, or ``Last-Event-ID`` (a
+        keepstream id ``ks1.<id>.<seq>`` or the upstream's own event id).
+        """
         sup = self.supervisor
-        offset = _query_int(scope, "offset")
-        live = sup.live.get(sid)
-        row = live.record.row() if live is not None else await sup.writer.get(sid)
-        if row is None:
-            await send_error(send, 404, "no such stream")
-            return
-        if not sup.writer.backend.stores_bodies and live is None:
+        if not sup.writer.backend.stores_bodies and sid not in sup.live:
             await send_error(send, 410, "journal 'none' keeps no bodies")
             return
-        await send({
-            "type": "http.response.start", "status": 200,
-            "headers": [(b"content-type", b"application/octet-stream"),
-                        (b"keepstream-id", sid.encode())],
-        })
-        if live is None:
-            data = await sup.writer.read_body(sid, offset)
-            await send({"type": "http.response.body", "body": data, "more_body": False})
-            return
-        sub = live.subscribe(offset)
-        try:
-            ok = await _pump(live, sub, send, sup)
-        finally:
-            live.unsubscribe(sub, client_left=False)
-        if ok:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        offset = _query_int(scope, "offset")
+        skipper: EventSkipper | None = None
+        after = _query_int(scope, "after")
+        last = _header(headers, b"last-event-id")
+        if after:
+            skipper = EventSkipper(after_seq=after)
+        elif last:
+            text = last.decode("latin-1")
+            parsed = parse_ks_id(text)
+            if parsed is not None and parsed[0] != sid:
+                await send_error(send, 400, "Last-Event-ID names another stream")
+                return
+            skipper = EventSkipper(after_seq=parsed[1]) if parsed else EventSkipper(after_id=text)
+        if skipper is not None:
+            offset = 0
+        live = sup.live.get(sid)
+        if live is None and skipper is None:
+            row = await sup.writer.get(sid)
+            if row is not None and offset > row["bytes"]:
+                await send_error(send, 416, f"offset {offset} is past the body's end "
+                                            f"({row['bytes']} bytes)")
+                return
+        started = skipper is None
+        if started:
+            await send(_body_head(sid))
+        async for data in read_stream(sup, sid, offset):
+            out = skipper.feed(data) if skipper is not None else data
+            if out:
+                if not started:
+                    started = True
+                    await send(_body_head(sid))
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        if not started:
+            assert skipper is not None
+            if not skipper.found:
+                # A resume point that is gone (pruned) or never existed: a clear error, never
+                # a silent restart from the beginning.
+                await send_error(send, 410, "resume point not found in this stream's journal")
+                return
+            await send(_body_head(sid))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _metrics(self, send: Send) -> None:
         sup = self.supervisor
@@ -224,11 +280,17 @@ class KeepstreamApp:
         body = await self._read_body(headers, receive, send)
         if body is None:
             return
+        if route.resumable:
+            last = _header(headers, b"last-event-id")
+            resume = parse_ks_id(last.decode("latin-1")) if last else None
+            if resume is not None:
+                await self._resume(route.prefix, resume[0], resume[1], headers, receive, send)
+                return
         detached = _prefers_async(headers)
         try:
             stream = await self.supervisor.start_stream(
                 route, method, safe_path, url, filter_request_headers(headers), body,
-                detached=detached,
+                detached=detached, owner=credential_hash(_header(headers, self._cred_header)),
             )
         except StreamRefused as exc:
             await send_error(send, exc.status, exc.message, retry_after=exc.retry_after)
@@ -242,6 +304,48 @@ class KeepstreamApp:
             ])
             return
         await self._relay(stream, receive, send)
+
+    async def _resume(
+        self, prefix: str, sid: str, seq: int, headers: list[tuple[bytes, bytes]],
+        receive: Receive, send: Send,
+    ) -> None:
+        """A reconnect with a keepstream ``Last-Event-ID``: events after ``seq``, from the
+        journal and then the live tail; no new upstream request."""
+        sup = self.supervisor
+        live = sup.live.get(sid)
+        row = live.record.row() if live is not None else await sup.writer.get(sid)
+        if row is None or row["route"] != prefix or not self._may_access(row, headers):
+            await send_error(send, 404, "no such stream to resume")
+            return
+        if live is None and not sup.writer.backend.stores_bodies:
+            await send_error(send, 410, "journal 'none' keeps no bodies to resume from")
+            return
+        if live is None and seq >= row["events"]:
+            # Nothing left to send: 204 tells an EventSource to stop reconnecting.
+            await send({"type": "http.response.start", "status": 204,
+                        "headers": [(b"keepstream-id", sid.encode())]})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        server = self.config.server
+        rewriter = EventRewriter(sid, skip=seq, max_line_bytes=server.max_line_bytes,
+                                 max_event_bytes=server.max_event_bytes)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
+            (b"keepstream-id", sid.encode())]})
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            async for data in read_stream(sup, sid, 0):
+                out = rewriter.feed(data)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
@@ -305,9 +409,15 @@ class KeepstreamApp:
             )
             return True
         headers = [*stream.response_headers, (b"keepstream-id", sid.encode())]
+        rewriter: EventRewriter | None = None
+        if stream.route.resumable and stream.is_sse:
+            server = self.config.server
+            rewriter = EventRewriter(sid, max_line_bytes=server.max_line_bytes,
+                                     max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
                     "headers": headers})
-        if not await _pump(stream, sub, send, self.supervisor):
+        if not await _pump(stream, sub, send, self.supervisor,
+                           rewriter.feed if rewriter is not None else None):
             return False
         status = stream.record.status
         if status is Status.COMPLETED:
@@ -315,35 +425,39 @@ class KeepstreamApp:
         elif status is Status.INTERRUPTED and stream.is_sse:
             # Shutdown cut the stream: tell the SSE client where to resume, then end properly.
             with trio.move_on_after(self.config.server.persist_timeout, shield=True):
-                await send({"type": "http.response.body", "body": reconnect_event(stream),
-                            "more_body": True})
+                await send({"type": "http.response.body",
+                            "body": reconnect_event(stream, rewriter), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         # Any other ending: return without a final body; Hypercorn cuts the connection, so the
         # client never sees a clean end of body that fakes completion.
         return True
 
 
-def reconnect_event(stream: LiveStream) -> bytes:
+def reconnect_event(stream: LiveStream, rewriter: EventRewriter | None = None) -> bytes:
     """The last SSE event of a stream cut by shutdown: where to resume, and how soon.
 
     If the upstream's bytes stopped inside an event, a blank line first ends it (the client
     then sees that partial event; the resume point is before it, so it is sent again whole).
     """
     rec = stream.record
+    last_id = rewriter.last_id if rewriter is not None else rec.last_event_id
     payload = json.dumps({
         "keepstream_id": rec.id,
         "status": str(rec.status),
-        "last_event_id": rec.last_event_id,
+        "last_event_id": last_id,
         "offset": stream.boundary,
         "resume": f"/_keepstream/streams/{rec.id}/body?offset={stream.boundary}",
     }, separators=(",", ":")).encode()
-    lead = b"\n\n" if stream.end != stream.boundary else b""
-    id_line = b"id: " + rec.last_event_id.encode() + b"\n" if rec.last_event_id else b""
+    lead = b"\n\n" if stream.end != stream.boundary and rewriter is None else b""
+    id_line = b"id: " + last_id.encode() + b"\n" if last_id else b""
     return lead + b"event: keepstream-reconnect\n" + id_line + b"retry: 1000\ndata: " + \
         payload + b"\n\n"
 
 
-async def _pump(stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor) -> bool:
+async def _pump(
+    stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> bool:
     """Copy the stream to ``send`` from ``sub.offset`` until it finishes. False if dropped."""
     writer = sup.writer
     while True:
@@ -356,8 +470,12 @@ async def _pump(stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor
                 stream.record.id, sub.offset, min(stream.base - sub.offset, MAX_SEND)
             )
         if data:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
             sub.offset += len(data)
+            if transform is not None:
+                data = transform(data)
+                if not data:
+                    continue
+            await send({"type": "http.response.body", "body": data, "more_body": True})
             continue
         if stream.finished:
             return True

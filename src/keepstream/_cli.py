@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--body", action="store_true",
                     help="write the raw journaled body bytes to stdout, nothing else")
 
+    pr = ssub.add_parser("prune", help="delete terminal records older than --older-than")
+    pr.add_argument("--journal", default=None)
+    pr.add_argument("--older-than", type=float, metavar="S", default=None,
+                    help="seconds (default: journal.retention from the config)")
+
     d = sub.add_parser("demo", help="the main job end to end, with a built-in fake upstream")
     d.add_argument("--no-live", action="store_true", help="do not print tokens as they arrive")
     cc = sub.add_parser("check-config", help="validate a config file, shutdown budget included")
@@ -133,6 +139,18 @@ def _cmd_streams(args: argparse.Namespace) -> int:
     backend = open_backend(url)
     backend.setup()
     try:
+        if args.streams_command == "prune":
+            older = args.older_than
+            if older is None:
+                path = os.environ.get("KEEPSTREAM_CONFIG")
+                older = Config.from_toml(path).journal.retention if path else 0.0
+            if older <= 0:
+                print("keepstream: give --older-than S (or set journal.retention)",
+                      file=sys.stderr)
+                return 2
+            n = backend.prune(time.time() - older)
+            print(f"pruned {n} record(s) that ended more than {older:g} s ago")
+            return 0
         if args.streams_command == "list":
             rows = backend.list_records(args.status, args.limit)
             if args.json:

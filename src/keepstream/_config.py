@@ -56,6 +56,8 @@ class ServerConfig:
     max_event_bytes: int = 8 * 1024 * 1024
     pool_timeout: float = 1.0
     keep_alive_timeout: float = 75.0
+    credential_header: str = "authorization"
+    admin_token_sha256: str = ""  # hex SHA-256 of the admin credential; "" = no admin
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class JournalConfig:
     url: str = "sqlite:///keepstream.db"
     flush_interval_ms: float = 50.0
     flush_bytes: int = 256 * 1024
+    retention: float = 0.0  # seconds to keep terminal records; 0 keeps them forever
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,14 @@ class Config:
         j = self.journal
         _journal_kind(j.url)
         _positive("journal.flush_interval_ms", j.flush_interval_ms)
+        _non_negative("journal.retention", j.retention)
+        tok = s.admin_token_sha256
+        if tok and (len(tok) != 64 or any(c not in "0123456789abcdef" for c in tok)):
+            raise ConfigError("server.admin_token_sha256",
+                              "must be 64 lowercase hex digits (sha256 of the admin token)")
+        if not s.credential_header or not s.credential_header.isascii() or \
+                s.credential_header != s.credential_header.lower():
+            raise ConfigError("server.credential_header", "must be a lowercase header name")
         if j.flush_bytes < 1:
             raise ConfigError("journal.flush_bytes", "must be at least 1")
         seen: set[str] = set()

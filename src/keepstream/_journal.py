@@ -33,7 +33,7 @@ from ._record import Record
 _COLUMNS = (
     "id", "instance", "route", "method", "path", "status", "reason", "upstream_status",
     "created_at", "first_byte_at", "ended_at", "client_gone_at", "bytes", "events", "detached",
-    "last_event_id",
+    "last_event_id", "owner",
 )
 
 
@@ -56,6 +56,7 @@ class Backend(Protocol):
     def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]: ...
     def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes: ...
     def integrity_check(self) -> list[str]: ...
+    def prune(self, before: float) -> int: ...
     def close(self) -> None: ...
 
 
@@ -107,6 +108,14 @@ class MemoryBackend:
     def integrity_check(self) -> list[str]:
         return []
 
+    def prune(self, before: float) -> int:
+        gone = [k for k, r in self.rows.items()
+                if r["status"] != "open" and (r["ended_at"] or 0) < before]
+        for k in gone:
+            del self.rows[k]
+            self.bodies.pop(k, None)
+        return len(gone)
+
     def close(self) -> None:
         pass
 
@@ -141,7 +150,8 @@ CREATE TABLE IF NOT EXISTS streams (
     bytes INTEGER NOT NULL DEFAULT 0,
     events INTEGER NOT NULL DEFAULT 0,
     detached INTEGER NOT NULL DEFAULT 0,
-    last_event_id TEXT
+    last_event_id TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS streams_status ON streams (status);
 CREATE INDEX IF NOT EXISTS streams_created ON streams (created_at);
@@ -191,6 +201,9 @@ class SQLiteBackend:
             self._w.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot create the journal schema: {exc}") from exc
+        cols = {r[1] for r in self._w.execute("PRAGMA table_info(streams)").fetchall()}
+        if "owner" not in cols:  # journals written by keepstream 0.1 before resume existed
+            self._w.execute("ALTER TABLE streams ADD COLUMN owner TEXT")
         self._r = self._connect()
 
     @property
@@ -286,6 +299,25 @@ class SQLiteBackend:
         problems += [f"stream {r[0]}: bytes column does not match its chunks" for r in bad]
         return problems
 
+    def prune(self, before: float) -> int:
+        """Delete terminal records that ended before ``before`` (epoch s), with their bodies."""
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "DELETE FROM chunks WHERE stream_id IN (SELECT id FROM streams WHERE "
+                    "status != 'open' AND ended_at < ?)", (before,))
+                n = conn.execute("DELETE FROM streams WHERE status != 'open' AND ended_at < ?",
+                                 (before,)).rowcount
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"prune failed: {exc}") from exc
+        return int(n)
+
     def close(self) -> None:
         for conn in (self._w, self._r):
             if conn is not None:
@@ -318,6 +350,7 @@ class JournalWriter:
     def __init__(self, backend: Backend, config: JournalConfig) -> None:
         self.backend = backend
         self._interval = config.flush_interval_ms / 1000
+        self._retention = config.retention
         self._flush_bytes = config.flush_bytes
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
@@ -430,8 +463,31 @@ class JournalWriter:
         orphaned: int = await self._call(self._w_limiter, self.backend.recover, instance)
         return orphaned
 
+    async def prune(self, older_than: float) -> int:
+        """Delete terminal records (and bodies) that ended more than ``older_than`` s ago."""
+        n: int = await self._call(self._w_limiter, self.backend.prune, time.time() - older_than)
+        return n
+
+    async def _retention_loop(self) -> None:
+        period = min(3600.0, max(1.0, self._retention / 10))
+        while True:
+            try:
+                await self.prune(self._retention)
+            except JournalError as exc:
+                self.last_error = str(exc)
+            await trio.sleep(period)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush loop. Cancel it to stop: the final flush runs shielded, bounded by 5 s."""
+        """Flush loop (and, with ``journal.retention``, the periodic prune). Cancel it to stop:
+        the final flush runs shielded, bounded by 5 s."""
+        if self._retention > 0:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._retention_loop)
+                await self._flush_loop(task_status)
+        else:
+            await self._flush_loop(task_status)
+
+    async def _flush_loop(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         try:
             while True:

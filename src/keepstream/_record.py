@@ -57,6 +57,7 @@ class Record:
     events: int = 0
     detached: bool = False
     last_event_id: str | None = None
+    owner: str | None = None  # sha256 of the creating request's credential (never the credential)
     # Journal bookkeeping (not columns): body bytes handed to a transaction, and bytes durable.
     journaled: int = 0
     durable: int = 0
@@ -76,7 +77,7 @@ class Record:
             "created_at": self.created_at, "first_byte_at": self.first_byte_at,
             "ended_at": self.ended_at, "client_gone_at": self.client_gone_at,
             "bytes": self.bytes, "events": self.events, "detached": self.detached,
-            "last_event_id": self.last_event_id,
+            "last_event_id": self.last_event_id, "owner": self.owner,
         }
 
 

@@ -364,6 +364,7 @@ class Supervisor:
         body: bytes,
         *,
         detached: bool = False,
+        owner: str | None = None,
     ) -> LiveStream:
         """Create the record (durably) and start the stream task; raise StreamRefused."""
         if not self.accepting():
@@ -372,7 +373,7 @@ class Supervisor:
             raise StreamRefused(503, "too many concurrent streams", retry_after=1)
         rec = Record(
             id=new_stream_id(), instance=self.instance, route=route.prefix, method=method,
-            path=path, detached=detached,
+            path=path, detached=detached, owner=owner,
         )
         stream = LiveStream(self, rec, route, url, headers, body)
         self.live[rec.id] = stream

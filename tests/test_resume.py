@@ -186,7 +186,8 @@ async def test_cancel_endpoint_stops_the_upstream(
             sid = res.header("keepstream-id")
             assert sid is not None
             await trio.sleep(0.2)
-            c = await chaos_request(ks.port, "POST", f"/_keepstream/streams/{sid.decode()}/cancel")
+            c = await chaos_request(ks.port, "POST",
+                                    f"/_keepstream/streams/{sid.decode()}/cancel")
             assert c.status == 200 and b'"status":"cancelled"' in c.body
             ex = fake_upstream.exchanges[0]
             with trio.fail_after(2):
@@ -195,7 +196,8 @@ async def test_cancel_endpoint_stops_the_upstream(
             rec = await ks.wait_terminal(sid.decode())
             assert rec["status"] == "cancelled" and rec["reason"] == "cancel endpoint"
             assert spec.expected_body().startswith(await ks.body(sid.decode()))
-            wrong = await chaos_request(ks.port, "GET", f"/_keepstream/streams/{sid.decode()}/cancel")
+            wrong = await chaos_request(ks.port, "GET",
+                                        f"/_keepstream/streams/{sid.decode()}/cancel")
             assert wrong.status == 405
 
 
@@ -234,7 +236,8 @@ async def test_access_owner_or_admin_only(fake_upstream: FakeUpstream, tmp_path:
             assert (await get(url, "Bearer alice-secret")).status == 200
             assert (await get(url + "/body", "Bearer alice-secret")).body == spec.expected_body()
             assert (await get(url, admin)).status == 200
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("j.db"))
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("j.db")]  # noqa: ASYNC240
+    raw = b"".join(p.read_bytes() for p in files)
     assert b"alice-secret" not in raw and b"root-token" not in raw
 
 

@@ -69,17 +69,20 @@ async def _client(
         view.say(f"   keepstream-id {sid}, HTTP {resp.status_code}")
         view.token("   > ")
         buf = b""
-        async for chunk in resp.aiter_raw():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                events += 1
-                view.token(_token(event))
-                if leave_after is not None and events >= leave_after:
-                    view.token(" ...")
-                    view.say()
-                    view.say(f"   client LEFT after {events} events")
-                    return sid
+        with trio.CancelScope() as scope:  # cancelling finishes httpx's generators cleanly
+            async for chunk in resp.aiter_raw():
+                buf += chunk
+                while b"\n\n" in buf and not scope.cancel_called:
+                    event, buf = buf.split(b"\n\n", 1)
+                    events += 1
+                    view.token(_token(event))
+                    if leave_after is not None and events >= leave_after:
+                        view.token(" ...")
+                        view.say()
+                        view.say(f"   client LEFT after {events} events")
+                        scope.cancel()
+        if scope.cancelled_caught:
+            return sid
     view.say()
     view.say(f"   client read all {events} events")
     return sid

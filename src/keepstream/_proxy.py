@@ -68,24 +68,27 @@ class StreamHandle:
         """The record's status now (``open`` until the stream ends)."""
         return str(self._stream.record.status)
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
+    def __aiter__(self) -> StreamHandle:
+        return self
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def __anext__(self) -> bytes:
+        """The next body bytes (everything waiting, coalesced); ends with the stream.
+
+        A plain iterator rather than an async generator: leaving the loop early needs no
+        ``aclosing``. Leaving the ``open_stream`` block is what counts as the client leaving.
+        """
         stream, sub = self._stream, self._sub
-        writer = self._proxy.supervisor.writer
         while True:
             try:
                 data = stream.read(sub)
             except Lagging:
-                data = await writer.read_body(stream.record.id, sub.offset,
-                                              min(stream.base - sub.offset, MAX_SEND))
+                data = await self._proxy.supervisor.writer.read_body(
+                    stream.record.id, sub.offset, min(stream.base - sub.offset, MAX_SEND))
             if data:
                 sub.offset += len(data)
-                yield data
-                continue
+                return data
             if stream.finished:
-                return
+                raise StopAsyncIteration
             await stream.wait_data(sub.offset)
 
     async def wait_finished(self) -> str:

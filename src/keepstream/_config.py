@@ -37,10 +37,16 @@ class Route:
     first_byte_timeout: float = 120.0
     idle_timeout: float = 120.0
     total_timeout: float = 3600.0
+    max_streams: int = 0  # concurrent streams on this route; 0 = only server.max_streams
+    client_keys_sha256: tuple[str, ...] = ()  # if set: Authorization: Bearer <key> required
+    upstream_bearer_env: str = ""  # env var whose value is sent upstream as Bearer credential
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """The ``[server]`` table: listening address, drain budget, limits and timeouts that apply
+    to every route (see docs/configuration.md for each key)."""
+
     bind: str = "127.0.0.1:8080"
     drain_timeout: float = 8.0
     drain_delay: float = 0.0
@@ -56,12 +62,17 @@ class ServerConfig:
     max_event_bytes: int = 8 * 1024 * 1024
     pool_timeout: float = 1.0
     keep_alive_timeout: float = 75.0
+    max_streams_per_client: int = 0  # per credential (hash); 0 = no per-client limit
+    max_headers: int = 100
     credential_header: str = "authorization"
     admin_token_sha256: str = ""  # hex SHA-256 of the admin credential; "" = no admin
 
 
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
+    """The ``[journal]`` table: where records and bodies go (``sqlite:///PATH``, ``memory:``,
+    ``none``), how appends are batched, and how long records are kept."""
+
     url: str = "sqlite:///keepstream.db"
     flush_interval_ms: float = 50.0
     flush_bytes: int = 256 * 1024
@@ -88,6 +99,7 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Config:
+        """Load and validate a TOML file; :class:`ConfigError` names the offending key."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
@@ -100,6 +112,8 @@ class Config:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:
+        """Build and validate a config from parsed TOML/JSON-like data (same checks as
+        :meth:`from_toml`)."""
         _no_unknown(data, {"server", "journal", "routes"}, "")
         server = _build(ServerConfig, data.get("server", {}), "server")
         journal = _build(JournalConfig, data.get("journal", {}), "journal")
@@ -110,6 +124,7 @@ class Config:
         return cls(routes=routes, server=server, journal=journal)
 
     def replace(self, **changes: Any) -> Config:
+        """A copy with some top-level fields changed (``server``, ``journal``, ``routes``)."""
         return dataclasses.replace(self, **changes)
 
     # -- validation ----------------------------------------------------------------------
@@ -144,8 +159,12 @@ class Config:
         _journal_kind(j.url)
         _positive("journal.flush_interval_ms", j.flush_interval_ms)
         _non_negative("journal.retention", j.retention)
+        if s.max_streams_per_client < 0:
+            raise ConfigError("server.max_streams_per_client", "must be 0 (no limit) or more")
+        if s.max_headers < 1:
+            raise ConfigError("server.max_headers", "must be at least 1")
         tok = s.admin_token_sha256
-        if tok and (len(tok) != 64 or any(c not in "0123456789abcdef" for c in tok)):
+        if tok and not _is_sha256(tok):
             raise ConfigError("server.admin_token_sha256",
                               "must be 64 lowercase hex digits (sha256 of the admin token)")
         if not s.credential_header or not s.credential_header.isascii() or \
@@ -176,6 +195,15 @@ class Config:
             for name in ("finish_timeout", "connect_timeout", "first_byte_timeout",
                          "idle_timeout", "total_timeout"):
                 _positive(f"{key}.{name}", getattr(r, name))
+            if r.max_streams < 0:
+                raise ConfigError(f"{key}.max_streams", "must be 0 (no limit) or more")
+            for n, digest in enumerate(r.client_keys_sha256):
+                if not _is_sha256(digest):
+                    raise ConfigError(f"{key}.client_keys_sha256[{n}]",
+                                      "must be 64 lowercase hex digits (sha256 of the key)")
+            if r.upstream_bearer_env and not r.upstream_bearer_env.replace("_", "").isalnum():
+                raise ConfigError(f"{key}.upstream_bearer_env",
+                                  "must be an environment variable name")
 
 
 def journal_kind(url: str) -> str:
@@ -211,6 +239,10 @@ def _parse_bind(bind: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _positive(key: str, value: float) -> None:
     if not value > 0 or math.isinf(value):
         raise ConfigError(key, f"must be a positive number of seconds, not {value!r}")
@@ -234,6 +266,10 @@ def _check_value(key: str, value: object, annotation: object) -> None:
             raise ConfigError(key, f"must be true or false, not {value!r}")
     elif ann in ("str", "OnDisconnect") and not isinstance(value, str):
         raise ConfigError(key, f"must be a string, not {value!r}")
+    elif ann == "tuple[str, ...]" and (
+        not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)
+    ):
+        raise ConfigError(key, f"must be an array of strings, not {value!r}")
 
 
 def _no_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -250,7 +286,9 @@ def _build(cls: Any, data: object, where: str) -> Any:
     _no_unknown(data, set(names), where)
     for k, v in data.items():
         _check_value(f"{where}.{k}", v, names[k].type)
-    kwargs = {k: float(v) if str(names[k].type) == "float" else v for k, v in data.items()}
+    kwargs = {k: float(v) if str(names[k].type) == "float" else
+              tuple(v) if str(names[k].type) == "tuple[str, ...]" else v
+              for k, v in data.items()}
     missing = [n for n, f in names.items()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and n not in kwargs]

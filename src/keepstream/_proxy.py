@@ -10,7 +10,7 @@ usual.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -108,6 +108,7 @@ class Proxy:
 
     @property
     def draining(self) -> bool:
+        """True once a drain has begun (a signal, ``aclose`` or leaving ``open_proxy``)."""
         return self.supervisor.draining
 
     @asynccontextmanager
@@ -164,7 +165,8 @@ class Proxy:
             stream.unsubscribe(sub, client_left=not completed)
 
     async def aclose(self) -> None:
-        """Drain now (bounded by ``drain_timeout``) and persist every live stream."""
+        """Drain now (bounded by ``drain_delay + drain_timeout``) and persist every live
+        stream; streams still running after that are cancelled and recorded ``interrupted``."""
         await self.supervisor.drain()
 
 
@@ -190,20 +192,29 @@ async def open_proxy(
         orphaned = await writer.setup(instance, recover=recover)
         upstream = make_client(config) if client is None else client
         try:
+            # The writer runs shielded: when the caller cancels ``open_proxy`` from outside,
+            # the streams still write their terminal records during the (shielded) drain, so
+            # the writer must outlive them. It is cancelled explicitly, after the streams
+            # nursery has ended, and then makes its final flush.
+            writer_scope = trio.CancelScope(shield=True)
             async with trio.open_nursery() as root:
-                await root.start(writer.run)
-                async with trio.open_nursery() as streams:
-                    supervisor = Supervisor(config, writer, upstream, streams, instance)
-                    supervisor.recovered = orphaned
-                    proxy = Proxy(config, supervisor)
-                    try:
-                        yield proxy
-                    except BaseException as exc:
-                        body_exc = exc
-                        raise
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await supervisor.drain()
+                await root.start(_run_in_scope, writer.run, writer_scope,
+                                 name="keepstream journal writer")
+                try:
+                    async with trio.open_nursery() as streams:
+                        supervisor = Supervisor(config, writer, upstream, streams, instance)
+                        supervisor.recovered = orphaned
+                        proxy = Proxy(config, supervisor)
+                        try:
+                            yield proxy
+                        except BaseException as exc:
+                            body_exc = exc
+                            raise
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await supervisor.drain()
+                finally:
+                    writer_scope.cancel()
                 root.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             if body_exc is not None and _only(group, body_exc):
@@ -218,6 +229,17 @@ async def open_proxy(
                     await upstream.aclose()
     finally:
         await trio.to_thread.run_sync(backend.close) if backend.threaded else backend.close()
+
+
+async def _run_in_scope(
+    fn: Callable[..., Awaitable[None]],
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``fn(task_status=...)`` inside ``scope`` (so its owner can shield and cancel it)."""
+    with scope:
+        await fn(task_status=task_status)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -21,6 +21,8 @@ import enum
 
 
 class Status(enum.StrEnum):
+    """A record's status: ``open`` while the stream runs, then exactly one terminal status."""
+
     OPEN = "open"
     COMPLETED = "completed"
     CANCELLED = "cancelled"

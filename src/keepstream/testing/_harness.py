@@ -25,6 +25,7 @@ class RunningKeepstream:
 
     @property
     def config(self) -> Config:
+        """The config the proxy runs with (routes point at the test's upstream)."""
         return self.proxy.config
 
     def stop(self) -> None:

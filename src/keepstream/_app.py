@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 import trio
 
 from ._config import Config
+from ._errors import ConfigError
 from ._record import record_json
 from ._resume import EventRewriter, EventSkipper, parse_ks_id, read_stream
 from ._rules import (
@@ -68,6 +71,13 @@ async def send_error(
     await send_json(send, status, payload, extra)
 
 
+def _client_key_ok(headers: list[tuple[bytes, bytes]], keys: frozenset[str]) -> bool:
+    value = _header(headers, b"authorization")
+    if value is None or value[:7].lower() != b"bearer ":
+        return False
+    return hashlib.sha256(value[7:].strip()).hexdigest() in keys
+
+
 def _body_head(sid: str) -> Message:
     return {"type": "http.response.start", "status": 200,
             "headers": [(b"content-type", b"application/octet-stream"),
@@ -96,6 +106,18 @@ class KeepstreamApp:
         self.config: Config = supervisor.config
         self._prefixes = [r.prefix for r in self.config.routes]
         self._cred_header = self.config.server.credential_header.encode()
+        # Upstream credentials, read once at start-up from the environment (never journaled,
+        # never in the config file).
+        self._upstream_auth: dict[str, bytes] = {}
+        for i, route in enumerate(self.config.routes):
+            if route.upstream_bearer_env:
+                value = os.environ.get(route.upstream_bearer_env)
+                if not value:
+                    raise ConfigError(f"routes[{i}].upstream_bearer_env",
+                                      f"${route.upstream_bearer_env} is not set")
+                self._upstream_auth[route.prefix] = b"Bearer " + value.encode("latin-1")
+        self._client_keys = {r.prefix: frozenset(r.client_keys_sha256)
+                             for r in self.config.routes if r.client_keys_sha256}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -127,6 +149,8 @@ class KeepstreamApp:
         if path == "/_keepstream/readyz":
             if sup.draining:
                 await send_error(send, 503, "draining", retry_after=1)
+            elif sup.writer.degraded:
+                await send_error(send, 503, "journal cannot write", retry_after=1)
             else:
                 await send_json(send, 200, {"status": "ready"})
             return
@@ -264,6 +288,9 @@ class KeepstreamApp:
     ) -> None:
         method: str = scope["method"]
         headers: list[tuple[bytes, bytes]] = list(scope["headers"])
+        if len(headers) > self.config.server.max_headers:
+            await send_error(send, 431, f"more than {self.config.server.max_headers} headers")
+            return
         try:
             check_request(method, raw_path, headers)
             raw_only = raw_path.split(b"?", 1)[0]
@@ -277,6 +304,15 @@ class KeepstreamApp:
         except RequestRejected as exc:
             await send_error(send, exc.status, exc.message)
             return
+        keys = self._client_keys.get(route.prefix)
+        if keys is not None and not _client_key_ok(headers, keys):
+            await send_json(send, 401, {"error": "a valid client key is required", "status": 401},
+                            [(b"www-authenticate", b'Bearer realm="keepstream"')])
+            return
+        if self.supervisor.writer.degraded:
+            # Fail closed: a stream keepstream cannot record is not started.
+            await send_error(send, 503, "the journal cannot record new streams", retry_after=1)
+            return
         body = await self._read_body(headers, receive, send)
         if body is None:
             return
@@ -287,9 +323,15 @@ class KeepstreamApp:
                 await self._resume(route.prefix, resume[0], resume[1], headers, receive, send)
                 return
         detached = _prefers_async(headers)
+        upstream_headers = filter_request_headers(headers)
+        if keys is not None or route.prefix in self._upstream_auth:
+            # The client's key is for keepstream only; the upstream gets its own credential.
+            upstream_headers = [(k, v) for k, v in upstream_headers if k != b"authorization"]
+            if route.prefix in self._upstream_auth:
+                upstream_headers.append((b"authorization", self._upstream_auth[route.prefix]))
         try:
             stream = await self.supervisor.start_stream(
-                route, method, safe_path, url, filter_request_headers(headers), body,
+                route, method, safe_path, url, upstream_headers, body,
                 detached=detached, owner=credential_hash(_header(headers, self._cred_header)),
             )
         except StreamRefused as exc:
@@ -298,7 +340,8 @@ class KeepstreamApp:
         sid = stream.record.id
         if detached:
             await send_json(send, 202, record_json(stream.record.row()), [
-                (b"location", f"/_keepstream/streams/{sid}".encode()),
+                (b"location", (quote(scope.get("root_path", "")) +
+                               f"/_keepstream/streams/{sid}").encode("ascii")),
                 (b"keepstream-id", sid.encode()),
                 (b"preference-applied", b"respond-async"),
             ])

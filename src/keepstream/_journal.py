@@ -398,6 +398,11 @@ class JournalWriter:
             self._wakeup.set()
 
     @property
+    def degraded(self) -> bool:
+        """True while the last journal transaction failed (until one succeeds again)."""
+        return self.last_error is not None
+
+    @property
     def backlog(self) -> int:
         """Body bytes handed to the writer and not yet durable."""
         return self._pending_bytes + self._inflight_bytes

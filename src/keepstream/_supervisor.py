@@ -342,6 +342,8 @@ class Supervisor:
         self.instance = instance
         self.buffer_cap = config.server.stream_buffer_bytes
         self.live: dict[str, LiveStream] = {}
+        self._per_route: dict[str, int] = {}
+        self._per_client: dict[str, int] = {}
         self.draining = False
         self.drain_started: float | None = None
         self._accept_until = 0.0
@@ -371,18 +373,26 @@ class Supervisor:
             raise StreamRefused(503, "keepstream is shutting down", retry_after=1)
         if len(self.live) >= self.config.server.max_streams:
             raise StreamRefused(503, "too many concurrent streams", retry_after=1)
+        if route.max_streams and self._per_route.get(route.prefix, 0) >= route.max_streams:
+            raise StreamRefused(429, "too many concurrent streams on this route", retry_after=1)
+        per_client = self.config.server.max_streams_per_client
+        if per_client and owner is not None and self._per_client.get(owner, 0) >= per_client:
+            raise StreamRefused(429, "too many concurrent streams for this client",
+                                retry_after=1)
         rec = Record(
             id=new_stream_id(), instance=self.instance, route=route.prefix, method=method,
             path=path, detached=detached, owner=owner,
         )
         stream = LiveStream(self, rec, route, url, headers, body)
         self.live[rec.id] = stream
+        self._count(rec, +1)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self.started_total += 1
         with trio.move_on_after(self.config.server.persist_timeout) as cs:
             await self.writer.commit(rec)
         if cs.cancelled_caught:
             del self.live[rec.id]
+            self._count(rec, -1)
             self.started_total -= 1
             if not self.live:
                 self._idle.set()
@@ -390,8 +400,18 @@ class Supervisor:
         self.nursery.start_soon(stream.run, name=f"keepstream stream {rec.id}")
         return stream
 
+    def _count(self, rec: Record, delta: int) -> None:
+        self._per_route[rec.route] = self._per_route.get(rec.route, 0) + delta
+        if rec.owner is not None:
+            n = self._per_client.get(rec.owner, 0) + delta
+            if n:
+                self._per_client[rec.owner] = n
+            else:
+                self._per_client.pop(rec.owner, None)
+
     def _stream_ended(self, stream: LiveStream) -> None:
-        self.live.pop(stream.record.id, None)
+        if self.live.pop(stream.record.id, None) is not None:
+            self._count(stream.record, -1)
         key = str(stream.record.status)
         self.ended_total[key] = self.ended_total.get(key, 0) + 1
         if not self.live:

@@ -160,7 +160,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     offset INTEGER NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (stream_id, offset)
-) WITHOUT ROWID;
+);
 """
 
 _UPSERT = (

@@ -1,0 +1,23 @@
+"""The performance suite keeps working: ``benchmarks/run.py --smoke`` runs every peer
+(keepstream with the SQLite journal and with none, the minimal relay) on tiny counts and fails
+if any event is lost or corrupted. No timing is asserted here (timing claims live in the
+benchmarks themselves, docs/performance.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_run_forwards_every_event() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every peer forwarded every event intact" in proc.stdout
+    for peer in ("keepstream-sqlite", "keepstream-none", "minimal"):
+        assert peer in proc.stdout

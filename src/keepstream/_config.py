@@ -137,8 +137,11 @@ class Config:
             _check_value(f"journal.{f.name}", getattr(self.journal, f.name), f.type)
         s = self.server
         _parse_bind(s.bind, "server.bind")
-        for name in ("drain_timeout", "drain_delay", "persist_timeout", "pool_timeout"):
+        for name in ("drain_timeout", "drain_delay", "pool_timeout"):
             _non_negative(f"server.{name}", getattr(s, name))
+        # 0 would refuse every stream (a record must be durable within it) and drop every
+        # terminal write: it must be positive.
+        _positive("server.persist_timeout", s.persist_timeout)
         for name in ("stop_grace", "body_idle_timeout", "client_stall_timeout",
                      "keep_alive_timeout"):
             _positive(f"server.{name}", getattr(s, name))
@@ -157,7 +160,10 @@ class Config:
             )
         j = self.journal
         _journal_kind(j.url)
-        _positive("journal.flush_interval_ms", j.flush_interval_ms)
+        if not j.flush_interval_ms > 0 or math.isinf(j.flush_interval_ms):
+            raise ConfigError("journal.flush_interval_ms",
+                              f"must be a positive number of milliseconds, "
+                              f"not {j.flush_interval_ms!r}")
         _non_negative("journal.retention", j.retention)
         if s.max_streams_per_client < 0:
             raise ConfigError("server.max_streams_per_client", "must be 0 (no limit) or more")
@@ -295,3 +301,26 @@ def _build(cls: Any, data: object, where: str) -> Any:
     if missing:
         raise ConfigError(f"{where}.{missing[0]}", "is required")
     return cls(**kwargs)
+
+
+def upstream_credentials(config: Config) -> dict[str, bytes]:
+    """``Authorization`` values to send upstream, per route prefix, read from the environment
+    (``routes[].upstream_bearer_env``). Raises :class:`ConfigError` naming the key when a
+    variable is unset or empty, so start-up fails before anything is opened."""
+    out: dict[str, bytes] = {}
+    for i, route in enumerate(config.routes):
+        if not route.upstream_bearer_env:
+            continue
+        value = os.environ.get(route.upstream_bearer_env, "")
+        if not value:
+            raise ConfigError(f"routes[{i}].upstream_bearer_env",
+                              f"${route.upstream_bearer_env} is not set")
+        try:
+            out[route.prefix] = b"Bearer " + value.strip().encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError(f"routes[{i}].upstream_bearer_env",
+                              f"${route.upstream_bearer_env} must be ASCII") from None
+        if any(c in value.strip() for c in "\r\n\0"):
+            raise ConfigError(f"routes[{i}].upstream_bearer_env",
+                              f"${route.upstream_bearer_env} contains a control character")
+    return out

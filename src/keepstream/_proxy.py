@@ -10,6 +10,7 @@ usual.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import httpx
 import trio
 
 from ._app import KeepstreamApp
-from ._config import Config
+from ._config import Config, upstream_credentials
 from ._errors import ProxyError
 from ._journal import JournalWriter, open_backend
 from ._record import new_instance_id
@@ -31,6 +32,8 @@ from ._rules import (
     normalize_path,
 )
 from ._supervisor import MAX_SEND, Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+
+log = logging.getLogger("keepstream")
 
 
 def make_client(config: Config) -> httpx.AsyncClient:
@@ -105,6 +108,7 @@ class Proxy:
         self.supervisor = supervisor
         self.app = KeepstreamApp(supervisor)
         self._prefixes = [r.prefix for r in config.routes]
+        self._upstream_auth = upstream_credentials(config)
 
     @property
     def draining(self) -> bool:
@@ -144,9 +148,13 @@ class Proxy:
             raise RequestRejected(404, f"no route for {path!r}")
         route = self.config.routes[idx]
         url = build_upstream_url(route.upstream, route.prefix, safe, query)
+        upstream_headers = filter_request_headers(raw_headers)
+        auth = self._upstream_auth.get(route.prefix)
+        if auth is not None:  # the route's own upstream credential replaces any given here
+            upstream_headers = [(k, v) for k, v in upstream_headers if k != b"authorization"]
+            upstream_headers.append((b"authorization", auth))
         stream = await self.supervisor.start_stream(
-            route, method, safe, url,
-            filter_request_headers(raw_headers), body,
+            route, method, safe, url, upstream_headers, body,
         )
         sub = stream.subscribe()
         completed = False
@@ -183,6 +191,7 @@ async def open_proxy(
     ``open`` by dead instances become ``orphaned`` only when it runs; with several processes on
     one journal, run it once before they start).
     """
+    upstream_credentials(config)  # a missing credential fails here, before anything opens
     backend = open_backend(config.journal.url)
     writer = JournalWriter(backend, config.journal)
     instance = new_instance_id()
@@ -190,6 +199,8 @@ async def open_proxy(
     body_exc: BaseException | None = None
     try:
         orphaned = await writer.setup(instance, recover=recover)
+        if orphaned:
+            log.warning("keepstream: start-up recovery marked %d record(s) orphaned", orphaned)
         upstream = make_client(config) if client is None else client
         try:
             # The writer runs shielded: when the caller cancels ``open_proxy`` from outside,

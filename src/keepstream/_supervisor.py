@@ -16,6 +16,7 @@ bounded too). With journal ``none`` a subscriber that falls behind the cap is dr
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import httpx
 import trio
 
 from ._config import Config, Route
+from ._errors import KeepstreamError
 from ._journal import JournalWriter
 from ._record import Record, new_stream_id
 from ._rules import filter_response_headers
@@ -33,11 +35,13 @@ from ._state import Ending, Status, pick_ending, terminal_status
 
 Headers = list[tuple[bytes, bytes]]
 
+log = logging.getLogger("keepstream")
+
 #: Most bytes one downstream ``send()`` carries when several chunks are waiting.
 MAX_SEND = 16 * 1024
 
 
-class StreamRefused(Exception):
+class StreamRefused(KeepstreamError):
     """A new stream could not be started; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
@@ -235,7 +239,7 @@ class LiveStream:
                     )
                     async with sup.client.stream(
                         rec.method, self.url, headers=self.request_headers,
-                        content=self.request_body,
+                        content=self.request_body, timeout=sup.timeouts[route.prefix],
                     ) as resp:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()
@@ -266,6 +270,9 @@ class LiveStream:
                                 if items:
                                     self._count_events(items)
                             if writer.over_backlog():
+                                # A slow journal is not an idle upstream: only the fixed
+                                # deadlines run while the stream waits for room.
+                                scope.deadline = self._fixed_deadline
                                 await writer.wait_room()
                             scope.deadline = min(
                                 self._fixed_deadline, trio.current_time() + idle
@@ -281,6 +288,11 @@ class LiveStream:
                 self._fail(Ending.UPSTREAM_FAILED, f"connect failed: {exc}", 502)
             except (httpx.HTTPError, OSError) as exc:
                 self._fail(Ending.UPSTREAM_FAILED, f"{type(exc).__name__}: {exc}", 502)
+            except Exception as exc:
+                # A bug (ours or a library's) ends this stream, never the process: the record
+                # still gets its terminal status and the traceback goes to the log.
+                log.exception("keepstream: stream %s failed unexpectedly", rec.id)
+                self._fail(Ending.UPSTREAM_FAILED, f"internal error: {type(exc).__name__}", 502)
             if self.scope.cancelled_caught and not self._causes:
                 now = trio.current_time()
                 if now >= start + route.total_timeout:
@@ -352,6 +364,13 @@ class Supervisor:
         self.ended_total: dict[str, int] = {}
         self._idle = trio.Event()
         self._idle.set()
+        # Per-route upstream timeouts (connect from the route; first byte, idle and total are
+        # the stream's own deadlines; pool from the server).
+        self.timeouts = {
+            r.prefix: httpx.Timeout(None, connect=r.connect_timeout,
+                                    pool=config.server.pool_timeout)
+            for r in config.routes
+        }
 
     def accepting(self) -> bool:
         return not self.draining or trio.current_time() < self._accept_until
@@ -396,6 +415,11 @@ class Supervisor:
             self.started_total -= 1
             if not self.live:
                 self._idle.set()
+            # The row may still reach the journal later (it is queued): make it terminal so
+            # it never stays ``open``. No upstream request was made.
+            rec.finish(Status.INTERRUPTED, "refused: the journal did not confirm the record "
+                       "within persist_timeout; no upstream request was made")
+            self.writer.touch(rec)
             raise StreamRefused(503, "the journal cannot record new streams", retry_after=1)
         self.nursery.start_soon(stream.run, name=f"keepstream stream {rec.id}")
         return stream
@@ -428,6 +452,10 @@ class Supervisor:
         await self._idle.wait()
 
     def interrupt_all(self, reason: str = "shutdown after drain deadline") -> None:
+        """Interrupt every live stream; while draining, also close any ``drain_delay`` window
+        (a second signal accepts nothing new)."""
+        if self.draining:
+            self._accept_until = 0.0
         for stream in list(self.live.values()):
             stream.stop(Ending.SHUTDOWN, reason)
 

@@ -59,7 +59,7 @@ def test_record_finishes_once() -> None:
 
 def test_stream_ids_sort_by_time() -> None:
     ids = [new_stream_id() for _ in range(50)]
-    assert all(len(i) == 26 for i in ids) and len(set(ids)) == 50
+    assert all(len(i) == 32 for i in ids) and len(set(ids)) == 50
 
 
 def _rec(instance: str = "a") -> Record:

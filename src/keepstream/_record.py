@@ -20,9 +20,10 @@ _TIME_FIELDS = frozenset({"created_at", "first_byte_at", "ended_at", "client_gon
 
 
 def new_stream_id() -> str:
-    """A 26-character id, sortable by creation time (48-bit ms clock + 80 random bits)."""
+    """A 32-character hex id, sortable by creation time: a 48-bit millisecond clock, then 80
+    random bits (``secrets``), so an id cannot be guessed from another one."""
     ms = time.time_ns() // 1_000_000
-    return f"{ms:012x}{secrets.token_hex(7)}"
+    return f"{ms:012x}{secrets.token_hex(10)}"
 
 
 def new_instance_id() -> str:

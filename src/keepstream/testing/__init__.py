@@ -5,14 +5,18 @@
 * :func:`run_fault_proxy` / :class:`FaultProxy`: a TCP proxy with Toxiproxy's toxics.
 * :func:`chaos_request`: a raw HTTP client that misbehaves on purpose.
 * :func:`run_keepstream`: keepstream in-process on a loopback port.
+* :func:`run_keepstream_process` / :func:`start_keepstream_process`: ``keepstream serve`` as a
+  subprocess on a loopback port, to send it real signals (:class:`KeepstreamProcess`).
 
 The pytest plugin (``pytest -p keepstream.testing``, auto-loaded when keepstream is installed)
-exposes these as fixtures: ``fake_upstream``, ``fault_proxy_factory``, ``keepstream_factory``.
+exposes these as fixtures: ``fake_upstream``, ``fault_proxy_factory``, ``keepstream_factory``,
+``keepstream_process_factory``.
 """
 
 from ._client import ChaosResult, chaos_request
 from ._faultproxy import FaultProxy, Toxic, run_fault_proxy
 from ._harness import RunningKeepstream, run_keepstream
+from ._process import KeepstreamProcess, run_keepstream_process, start_keepstream_process
 from ._upstream import FakeResponseSpec, FakeUpstream, UpstreamExchange, run_fake_upstream, sse_body
 
 __all__ = [
@@ -20,6 +24,7 @@ __all__ = [
     "FakeResponseSpec",
     "FakeUpstream",
     "FaultProxy",
+    "KeepstreamProcess",
     "RunningKeepstream",
     "Toxic",
     "UpstreamExchange",
@@ -27,5 +32,7 @@ __all__ = [
     "run_fake_upstream",
     "run_fault_proxy",
     "run_keepstream",
+    "run_keepstream_process",
     "sse_body",
+    "start_keepstream_process",
 ]

@@ -7,6 +7,9 @@ Fixtures (all need pytest-trio; each binds 127.0.0.1 only and stops with the tes
   in-process on a loopback port (a :class:`~keepstream.testing.RunningKeepstream`).
 * ``fault_proxy_factory``: ``await fault_proxy_factory(port)`` starts a
   :class:`~keepstream.testing.FaultProxy` in front of a port.
+* ``keepstream_process_factory``: ``async with keepstream_process_factory(config) as ks`` runs
+  ``keepstream serve`` as a subprocess (a :class:`~keepstream.testing.KeepstreamProcess`) in the
+  test's temporary directory; send it signals with ``ks.send_signal``.
 * ``keepstream_journal_url``: a ``sqlite:///`` URL in the test's temporary directory.
 """
 
@@ -23,6 +26,7 @@ import trio
 from .._config import Config
 from ._faultproxy import FaultProxy, run_fault_proxy
 from ._harness import RunningKeepstream, run_keepstream
+from ._process import KeepstreamProcess, run_keepstream_process
 from ._upstream import FakeUpstream, run_fake_upstream
 
 
@@ -51,3 +55,10 @@ async def fault_proxy_factory(
         return proxy
 
     return start
+
+
+@pytest.fixture
+def keepstream_process_factory(
+    tmp_path: Path,
+) -> Callable[..., AbstractAsyncContextManager[KeepstreamProcess]]:
+    return partial(run_keepstream_process, workdir=tmp_path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -24,13 +23,13 @@ from urllib.parse import quote
 
 import trio
 
-from ._config import Config
-from ._errors import ConfigError
+from ._config import Config, upstream_credentials
 from ._record import record_json
 from ._resume import EventRewriter, EventSkipper, parse_ks_id, read_stream
 from ._rules import (
     RequestRejected,
     build_upstream_url,
+    check_head_size,
     check_request,
     filter_request_headers,
     match_route,
@@ -59,9 +58,14 @@ async def send_json(
 
 async def send_error(
     send: Send, status: int, message: str, *, stream_id: str | None = None,
-    retry_after: int | None = None,
+    retry_after: int | None = None, close: bool = False,
 ) -> None:
+    """A JSON error answer. ``close`` (HTTP/1.x only) adds ``Connection: close``: Hypercorn
+    then ends the connection after it, so nothing pipelined behind a refused request is
+    parsed as a request of its own."""
     extra: list[tuple[bytes, bytes]] = []
+    if close:
+        extra.append((b"connection", b"close"))
     payload: dict[str, object] = {"error": message, "status": status}
     if stream_id is not None:
         extra.append((b"keepstream-id", stream_id.encode()))
@@ -108,14 +112,7 @@ class KeepstreamApp:
         self._cred_header = self.config.server.credential_header.encode()
         # Upstream credentials, read once at start-up from the environment (never journaled,
         # never in the config file).
-        self._upstream_auth: dict[str, bytes] = {}
-        for i, route in enumerate(self.config.routes):
-            if route.upstream_bearer_env:
-                value = os.environ.get(route.upstream_bearer_env)
-                if not value:
-                    raise ConfigError(f"routes[{i}].upstream_bearer_env",
-                                      f"${route.upstream_bearer_env} is not set")
-                self._upstream_auth[route.prefix] = b"Bearer " + value.encode("latin-1")
+        self._upstream_auth = upstream_credentials(self.config)
         self._client_keys = {r.prefix: frozenset(r.client_keys_sha256)
                              for r in self.config.routes if r.client_keys_sha256}
 
@@ -124,8 +121,13 @@ class KeepstreamApp:
         if kind == "lifespan":
             await _trivial_lifespan(receive, send)
             return
+        if kind == "websocket":
+            # Not proxied: refuse the handshake (Hypercorn answers 403) rather than leave it.
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if kind != "http":
-            return  # websockets are not proxied; returning closes them
+            return
         path: str = scope["path"]
         raw_path: bytes = scope.get("raw_path") or path.encode()
         root = scope.get("root_path", "")
@@ -210,9 +212,13 @@ class KeepstreamApp:
         if not sup.writer.backend.stores_bodies and sid not in sup.live:
             await send_error(send, 410, "journal 'none' keeps no bodies")
             return
-        offset = _query_int(scope, "offset")
+        try:
+            offset = _query_int(scope, "offset")
+            after = _query_int(scope, "after")
+        except RequestRejected as exc:
+            await send_error(send, exc.status, exc.message)
+            return
         skipper: EventSkipper | None = None
-        after = _query_int(scope, "after")
         last = _header(headers, b"last-event-id")
         if after:
             skipper = EventSkipper(after_seq=after)
@@ -288,10 +294,17 @@ class KeepstreamApp:
     ) -> None:
         method: str = scope["method"]
         headers: list[tuple[bytes, bytes]] = list(scope["headers"])
+        close = scope.get("http_version") in ("1.0", "1.1")
         if len(headers) > self.config.server.max_headers:
-            await send_error(send, 431, f"more than {self.config.server.max_headers} headers")
+            await send_error(send, 431, f"more than {self.config.server.max_headers} headers",
+                             close=close)
             return
         try:
+            check_head_size(raw_path, scope.get("query_string", b""), headers)
+            if scope.get("http_version") == "1.0" and \
+                    _header(headers, b"transfer-encoding") is not None:
+                # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+                raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
             check_request(method, raw_path, headers)
             raw_only = raw_path.split(b"?", 1)[0]
             safe_path = normalize_path(raw_only)
@@ -302,18 +315,22 @@ class KeepstreamApp:
             url = build_upstream_url(route.upstream, route.prefix, safe_path,
                                      scope.get("query_string", b""))
         except RequestRejected as exc:
-            await send_error(send, exc.status, exc.message)
+            await send_error(send, exc.status, exc.message, close=close)
             return
         keys = self._client_keys.get(route.prefix)
         if keys is not None and not _client_key_ok(headers, keys):
+            extra = [(b"www-authenticate", b'Bearer realm="keepstream"')]
+            if close:
+                extra.append((b"connection", b"close"))
             await send_json(send, 401, {"error": "a valid client key is required", "status": 401},
-                            [(b"www-authenticate", b'Bearer realm="keepstream"')])
+                            extra)
             return
         if self.supervisor.writer.degraded:
             # Fail closed: a stream keepstream cannot record is not started.
-            await send_error(send, 503, "the journal cannot record new streams", retry_after=1)
+            await send_error(send, 503, "the journal cannot record new streams", retry_after=1,
+                             close=close)
             return
-        body = await self._read_body(headers, receive, send)
+        body = await self._read_body(headers, receive, send, close)
         if body is None:
             return
         if route.resumable:
@@ -335,7 +352,8 @@ class KeepstreamApp:
                 detached=detached, owner=credential_hash(_header(headers, self._cred_header)),
             )
         except StreamRefused as exc:
-            await send_error(send, exc.status, exc.message, retry_after=exc.retry_after)
+            await send_error(send, exc.status, exc.message, retry_after=exc.retry_after,
+                             close=close)
             return
         sid = stream.record.id
         if detached:
@@ -375,52 +393,77 @@ class KeepstreamApp:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
             (b"keepstream-id", sid.encode())]})
+        watched = _EndWatch(send)
         async with trio.open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                nursery.cancel_scope.cancel()
+                if not watched.ending:
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_disconnect)
             async for data in read_stream(sup, sid, 0):
                 out = rewriter.feed(data)
                 if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await watched({"type": "http.response.body", "body": out, "more_body": True})
+            final = live.record.row() if live is not None else await sup.writer.get(sid)
+            status = None if final is None else final["status"]
+            if status == Status.INTERRUPTED and live is not None:
+                # Cut by this process's shutdown while the reader followed it: where to resume.
+                with trio.move_on_after(self.config.server.persist_timeout, shield=True):
+                    await watched({"type": "http.response.body",
+                                   "body": reconnect_event(live, rewriter), "more_body": True})
+                    await watched({"type": "http.response.body", "body": b"",
+                                   "more_body": False})
+            elif status == Status.COMPLETED:
+                await watched({"type": "http.response.body", "body": b"", "more_body": False})
+            # Any other ending: no clean end of body (Hypercorn cuts the connection), so the
+            # client never mistakes a failed stream for a complete one.
             nursery.cancel_scope.cancel()
 
     async def _read_body(
-        self, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+        self, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send,
+        close: bool = False,
     ) -> bytes | None:
+        """The whole request body, or None after answering 413/408 (or the client left).
+
+        Bounded three ways: ``max_body_bytes`` (413, at once when Content-Length says so),
+        ``body_idle_timeout`` between pieces and ``body_timeout`` for all of it (408)."""
         server = self.config.server
         cap = server.max_body_bytes
         for name, value in headers:
-            if name.lower() == b"content-length" and value.strip().isdigit() \
-                    and int(value) > cap:
-                await send_error(send, 413, f"request body over {cap} bytes")
-                return None
+            if name.lower() == b"content-length":
+                digits = value.strip().lstrip(b"0")
+                if digits.isdigit() and (len(digits) > 18 or int(digits) > cap):
+                    await send_error(send, 413, f"request body over {cap} bytes", close=close)
+                    return None
         body = bytearray()
-        while True:
-            msg: Message | None = None
-            with trio.move_on_after(server.body_idle_timeout):
-                msg = await receive()
-            if msg is None:
-                await send_error(send, 408, "request body idle timeout")
-                return None
-            if msg["type"] == "http.disconnect":
-                return None
-            body += msg.get("body", b"")
-            if len(body) > cap:
-                await send_error(send, 413, f"request body over {cap} bytes")
-                return None
-            if not msg.get("more_body", False):
-                return bytes(body)
+        with trio.move_on_after(server.body_timeout) as whole:
+            while True:
+                msg: Message | None = None
+                with trio.move_on_after(server.body_idle_timeout):
+                    msg = await receive()
+                if msg is None:
+                    await send_error(send, 408, "request body idle timeout", close=close)
+                    return None
+                if msg["type"] == "http.disconnect":
+                    return None
+                body += msg.get("body", b"")
+                if len(body) > cap:
+                    await send_error(send, 413, f"request body over {cap} bytes", close=close)
+                    return None
+                if not msg.get("more_body", False):
+                    return bytes(body)
+        assert whole.cancelled_caught
+        await send_error(send, 408, "request body timeout", close=close)
+        return None
 
     async def _relay(self, stream: LiveStream, receive: Receive, send: Send) -> None:
         sub = stream.subscribe()
         client_left = False
         ok = False
+        watched = _EndWatch(send)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -429,12 +472,13 @@ class KeepstreamApp:
                     while True:
                         msg = await receive()
                         if msg["type"] == "http.disconnect":
-                            client_left = True
-                            nursery.cancel_scope.cancel()
+                            if not watched.ending:
+                                client_left = True
+                                nursery.cancel_scope.cancel()
                             return
 
                 nursery.start_soon(watch_disconnect)
-                ok = await self._respond(stream, sub, send)
+                ok = await self._respond(stream, sub, watched)
                 nursery.cancel_scope.cancel()
         finally:
             stream.unsubscribe(sub, client_left=client_left or sub.dropped or not ok)
@@ -535,13 +579,39 @@ def _prefers_async(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def _query_int(scope: Scope, key: str) -> int:
+    """A non-negative integer query parameter; 0 when absent. Raises RequestRejected(400) for
+    anything but 1 to 18 ASCII digits."""
     from urllib.parse import parse_qs
 
     qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     values = qs.get(key)
-    if not values or not values[0].isdigit():
+    if not values:
         return 0
-    return int(values[0])
+    value = values[0]
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise RequestRejected(400, f"{key} must be a non-negative integer")
+    return int(value)
+
+
+class _EndWatch:
+    """``send`` that notes when the final body message starts (``ending``).
+
+    Hypercorn handles the end of a response inside that ``send()`` call: it ends the message,
+    then recycles or closes the connection, and on the way it hands the app an
+    ``http.disconnect``. A disconnect watcher must not cancel the send then, or the connection
+    is neither recycled (the keep-alive timer never starts) nor closed (``Connection: close``
+    is ignored)."""
+
+    __slots__ = ("_send", "ending")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.ending = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.ending = True
+        await self._send(message)
 
 
 async def _trivial_lifespan(receive: Receive, send: Send) -> None:

@@ -56,6 +56,7 @@ class ServerConfig:
     max_streams: int = 1000
     max_body_bytes: int = 10 * 1024 * 1024
     body_idle_timeout: float = 30.0
+    body_timeout: float = 120.0  # the whole request body, however it trickles in
     stream_buffer_bytes: int = 1024 * 1024
     client_stall_timeout: float = 30.0
     max_line_bytes: int = 1024 * 1024
@@ -142,7 +143,7 @@ class Config:
         # 0 would refuse every stream (a record must be durable within it) and drop every
         # terminal write: it must be positive.
         _positive("server.persist_timeout", s.persist_timeout)
-        for name in ("stop_grace", "body_idle_timeout", "client_stall_timeout",
+        for name in ("stop_grace", "body_idle_timeout", "body_timeout", "client_stall_timeout",
                      "keep_alive_timeout"):
             _positive(f"server.{name}", getattr(s, name))
         for name in ("workers", "max_streams", "max_body_bytes", "stream_buffer_bytes",

@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
+from ._errors import KeepstreamError
+
 __all__ = [
     "HOP_BY_HOP",
     "RequestRejected",
@@ -59,7 +61,7 @@ _NOT_FROM_CLIENT = HOP_BY_HOP | {b"host", b"content-length"}
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"content-length"}
 
 
-class RequestRejected(Exception):
+class RequestRejected(KeepstreamError):
     """The request is refused; answer it with ``status`` and ``message``."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -142,10 +144,28 @@ def check_request(method: str, raw_path: bytes, headers: Sequence[tuple[bytes, b
     if lengths:
         if not all(v.isdigit() for v in lengths):  # bytes.isdigit(): ASCII digits, non-empty
             raise RequestRejected(400, "invalid Content-Length")
-        if len({int(v) for v in lengths}) != 1:
+        # Compared as digit strings without leading zeros: int() on thousands of digits
+        # raises (Python's 4300-digit limit), and no length needs it.
+        if len({v.lstrip(b"0") for v in lengths}) != 1:
             raise RequestRejected(400, "conflicting Content-Length values")
     if encodings and (len(encodings) != 1 or encodings[0].strip(b" \t").lower() != b"chunked"):
         raise RequestRejected(501, "only Transfer-Encoding: chunked is supported")
+
+
+#: Most bytes of a request head keepstream accepts: target, query and header lines. Hypercorn's
+#: ``h11_max_incomplete_size`` (16 KiB) only bounds a head still incomplete after a read, so a
+#: head that arrives in one read could otherwise be much larger.
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def check_head_size(raw_path: bytes, query: bytes, headers: Sequence[tuple[bytes, bytes]],
+                    limit: int = MAX_HEAD_BYTES) -> None:
+    """Raise ``RequestRejected(431)`` when the request head is over ``limit`` bytes."""
+    size = len(raw_path) + len(query)
+    for name, value in headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    if size > limit:
+        raise RequestRejected(431, f"request head over {limit} bytes")
 
 
 # --- paths ------------------------------------------------------------------------------------

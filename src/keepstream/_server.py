@@ -6,7 +6,8 @@
     └── open_proxy: journal writer + stream supervisor nursery
         └── nursery
             ├── signal receiver: 1st SIGTERM/SIGINT -> drain; 2nd -> interrupt now
-            └── hypercorn.trio.serve(app, shutdown_trigger=<drained>)
+            └── serve_connections(app, shutdown_trigger=<drained>)  (Hypercorn's protocols,
+                each connection contained: see _connections.py)
 
 The signal task only changes state; each stream persists itself in its own ``finally``.
 Hypercorn's own signal handling is not used (it would cut streams at ``graceful_timeout``).
@@ -23,11 +24,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ._config import Config, parse_bind
+from ._connections import serve_connections
 from ._proxy import Proxy, open_proxy
 
 
@@ -139,10 +139,9 @@ async def run_server(
 
             async def server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 hc = hypercorn_config(config)
-                await worker_serve(
+                await serve_connections(
                     wrap_app(proxy.app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                    hc, sockets=Sockets([], [listen], []),
-                    shutdown_trigger=drained.wait, task_status=task_status,
+                    hc, listen, shutdown_trigger=drained.wait, task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()
 

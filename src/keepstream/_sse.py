@@ -279,7 +279,9 @@ class SSEParser:
                         self.last_id = value.decode("utf-8", "replace")
                     continue
                 if name == b"retry":
-                    if value.isdigit():  # bytes.isdigit(): ASCII digits only, non-empty
+                    # bytes.isdigit(): ASCII digits only, non-empty. More than 18 digits
+                    # cannot be a reconnection time; ignored (and never a huge int()).
+                    if value.isdigit() and len(value) <= 18:
                         retry = int(value)
                     continue
                 if name != b"data":

@@ -87,21 +87,21 @@ async def test_client_key_required_and_never_forwarded_or_journaled(
                   upstream_bearer_env="KS_TEST_UPSTREAM_KEY")
     spec = FakeResponseSpec(events=3, style="plain")
     with trio.fail_after(30):
-        async with run_keepstream(cfg) as ks:
-            async with httpx.AsyncClient(base_url=ks.url, trust_env=False) as client:
-                for auth in (None, "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x"):
-                    headers = dict(spec.headers())
-                    if auth is not None:
-                        headers["authorization"] = auth
-                    resp = await client.get("/a", headers=headers)
-                    assert resp.status_code == 401, (auth, resp.text)
-                    assert resp.headers["www-authenticate"].startswith("Bearer")
-                assert fake_upstream.exchanges == []
+        async with run_keepstream(cfg) as ks, \
+                httpx.AsyncClient(base_url=ks.url, trust_env=False) as client:
+            for auth in (None, "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x"):
                 headers = dict(spec.headers())
-                headers["authorization"] = f"Bearer {KEY}"
+                if auth is not None:
+                    headers["authorization"] = auth
                 resp = await client.get("/a", headers=headers)
-                assert resp.status_code == 200
-                assert resp.content == spec.expected_body()
+                assert resp.status_code == 401, (auth, resp.text)
+                assert resp.headers["www-authenticate"].startswith("Bearer")
+            assert fake_upstream.exchanges == []
+            headers = dict(spec.headers())
+            headers["authorization"] = f"Bearer {KEY}"
+            resp = await client.get("/a", headers=headers)
+            assert resp.status_code == 200
+            assert resp.content == spec.expected_body()
     (ex,) = fake_upstream.exchanges
     assert ex.header("authorization") == f"Bearer {UPSTREAM_SECRET}"
     assert all(KEY.encode() not in v for _, v in ex.request_headers)
@@ -119,11 +119,10 @@ async def test_upstream_credential_through_open_stream(
                   upstream_bearer_env="KS_TEST_UPSTREAM_KEY")
     spec = FakeResponseSpec(events=2, style="plain")
     with trio.fail_after(20):
-        async with open_proxy(cfg) as proxy:
-            async with proxy.open_stream(
-                "GET", "/x", headers=[*spec.headers(), ("authorization", "Bearer embedder")]
-            ) as handle:
-                body = b"".join([chunk async for chunk in handle])
+        async with open_proxy(cfg) as proxy, proxy.open_stream(
+            "GET", "/x", headers=[*spec.headers(), ("authorization", "Bearer embedder")]
+        ) as handle:
+            body = b"".join([chunk async for chunk in handle])
     assert body == spec.expected_body()
     (ex,) = fake_upstream.exchanges
     assert ex.header("authorization") == f"Bearer {UPSTREAM_SECRET}"
@@ -151,31 +150,31 @@ async def test_per_route_and_per_client_limits_answer_429(
                                       max_streams_per_client=1, max_headers=20))
     slow = FakeResponseSpec(events=1, style="plain", stall_after=0)
     with trio.fail_after(30):
-        async with run_keepstream(cfg) as ks:
-            async with httpx.AsyncClient(base_url=ks.url, trust_env=False,
-                                         timeout=10) as client, trio.open_nursery() as nursery:
+        async with run_keepstream(cfg) as ks, \
+                httpx.AsyncClient(base_url=ks.url, trust_env=False, timeout=10) as client, \
+                trio.open_nursery() as nursery:
 
-                async def hold(who: str) -> None:
-                    headers = {**dict(slow.headers()), "authorization": who}
-                    async with client.stream("GET", "/s", headers=headers):
-                        await trio.sleep_forever()
+            async def hold(who: str) -> None:
+                headers = {**dict(slow.headers()), "authorization": who}
+                async with client.stream("GET", "/s", headers=headers):
+                    await trio.sleep_forever()
 
-                nursery.start_soon(hold, "alice")
-                await fake_upstream.wait_exchanges(1)
-                # alice has one live stream: her second is refused, bob's is not
-                resp = await client.get("/s", headers={"authorization": "alice"})
-                assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
-                assert "client" in resp.json()["error"]
-                nursery.start_soon(hold, "bob")
-                await fake_upstream.wait_exchanges(2)
-                # the route holds two: carol's is refused by the route limit
-                resp = await client.get("/s", headers={"authorization": "carol"})
-                assert resp.status_code == 429 and "route" in resp.json()["error"]
-                many = {f"x-h{i}": "v" for i in range(25)}
-                resp = await client.get("/s", headers=many)
-                assert resp.status_code == 431
-                assert len(fake_upstream.exchanges) == 2
-                nursery.cancel_scope.cancel()
+            nursery.start_soon(hold, "alice")
+            await fake_upstream.wait_exchanges(1)
+            # alice has one live stream: her second is refused, bob's is not
+            resp = await client.get("/s", headers={"authorization": "alice"})
+            assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+            assert "client" in resp.json()["error"]
+            nursery.start_soon(hold, "bob")
+            await fake_upstream.wait_exchanges(2)
+            # the route holds two: carol's is refused by the route limit
+            resp = await client.get("/s", headers={"authorization": "carol"})
+            assert resp.status_code == 429 and "route" in resp.json()["error"]
+            many = {f"x-h{i}": "v" for i in range(25)}
+            resp = await client.get("/s", headers=many)
+            assert resp.status_code == 431
+            assert len(fake_upstream.exchanges) == 2
+            nursery.cancel_scope.cancel()
 
 
 @contextmanager
@@ -207,11 +206,11 @@ async def test_route_connect_timeout_is_the_routes_own(tmp_path: Path) -> None:
     with _full_backlog_listener() as port:
         cfg = _config(f"http://127.0.0.1:{port}/", db, connect_timeout=0.3)
         with trio.fail_after(20):
-            async with run_keepstream(cfg) as ks:
-                async with httpx.AsyncClient(base_url=ks.url, trust_env=False) as client:
-                    start = trio.current_time()
-                    resp = await client.get("/never")
-                    took = trio.current_time() - start
+            async with run_keepstream(cfg) as ks, \
+                    httpx.AsyncClient(base_url=ks.url, trust_env=False) as client:
+                start = trio.current_time()
+                resp = await client.get("/never")
+                took = trio.current_time() - start
     assert resp.status_code == 504, resp.text
     assert took < 5.0  # the server-wide default is 10 s
     (row,) = _rows(db)

@@ -28,7 +28,6 @@ from keepstream import (
     Config,
     JournalConfig,
     Proxy,
-    ProxyError,
     RequestRejected,
     Route,
     ServerConfig,
@@ -354,19 +353,19 @@ async def test_unexpected_error_in_a_stream_ends_that_stream_only(
     ``upstream_error`` with a 502 and a logged traceback; the proxy and other streams go on."""
     cfg = _config("http://127.0.0.1:9", journal)
     with trio.fail_after(20):
-        async with httpx.AsyncClient(transport=_BuggyTransport()) as client:
-            async with open_proxy(cfg, client=client) as proxy:
-                async with proxy.open_stream("GET", "/f/x") as handle:
-                    assert handle.status_code == 502
-                    assert [c async for c in handle] == []
-                    assert await handle.wait_finished() == "upstream_error"
-                row = await proxy.supervisor.writer.get(handle.id)
-                assert row is not None
-                assert row["reason"] == "internal error: RuntimeError"
-                assert not proxy.draining and proxy.supervisor.live == {}
-                # the proxy still serves: a second stream gets the same contained failure
-                async with proxy.open_stream("GET", "/f/y") as again:
-                    assert again.status_code == 502
+        async with httpx.AsyncClient(transport=_BuggyTransport()) as client, \
+                open_proxy(cfg, client=client) as proxy:
+            async with proxy.open_stream("GET", "/f/x") as handle:
+                assert handle.status_code == 502
+                assert [c async for c in handle] == []
+                assert await handle.wait_finished() == "upstream_error"
+            row = await proxy.supervisor.writer.get(handle.id)
+            assert row is not None
+            assert row["reason"] == "internal error: RuntimeError"
+            assert not proxy.draining and proxy.supervisor.live == {}
+            # the proxy still serves: a second stream gets the same contained failure
+            async with proxy.open_stream("GET", "/f/y") as again:
+                assert again.status_code == 502
 
 
 # -- (d) routing and refusals ----------------------------------------------------------------

@@ -243,10 +243,16 @@ class SQLiteBackend:
                     conn.executemany(
                         _UPSERT, [tuple(row[c] for c in _COLUMNS) for row in batch.rows]
                     )
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full, busy) leaves the transaction open: roll it back,
+                # or every later BEGIN fails and the journal never recovers.
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"journal write failed: {exc}") from exc
 
@@ -364,6 +370,7 @@ class JournalWriter:
         self._flushing = False
         self._inflight_bytes = 0
         self._max_backlog = 4 * config.flush_bytes
+        self._retry_delay = 0.0
         self._room: trio.Event | None = None
         self.failures = 0
         self.last_error: str | None = None
@@ -544,9 +551,12 @@ class JournalWriter:
             for entry in entries:
                 entry.record.journaled = entry.prev
             self._restore(entries)
-            await trio.sleep(min(1.0, self._interval * 2))
+            # Back off (2 flush intervals, doubling, at most 1 s) while the journal fails.
+            self._retry_delay = min(1.0, max(self._interval * 2, self._retry_delay * 2))
+            await trio.sleep(self._retry_delay)
             self._wakeup.set()
             return
+        self._retry_delay = 0.0
         self._flushing = False
         self._inflight_bytes = 0
         if self._room is not None:
@@ -561,11 +571,12 @@ class JournalWriter:
         newer = self._pending
         self._pending = {}
         for entry in entries:
+            # Only the batch's own bytes: those appended meanwhile are already counted.
+            self._pending_bytes += sum(len(c) for c in entry.chunks)
             later = newer.pop(entry.record.id, None)
             if later is not None:
                 entry.chunks.extend(later.chunks)
             self._pending[entry.record.id] = entry
-            self._pending_bytes += sum(len(c) for c in entry.chunks)
         self._pending.update(newer)
         self._dirty = True
 

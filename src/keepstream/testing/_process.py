@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,19 @@ def config_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _limit_fds(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 async def start_keepstream_process(
     config: Config | str | os.PathLike[str],
     *args: str,
     workdir: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 20.0,
+    nofile: int | None = None,
 ) -> KeepstreamProcess:
     """Start ``python -m keepstream serve --config FILE [args]`` and wait until it listens.
 
@@ -106,7 +114,8 @@ async def start_keepstream_process(
     ``127.0.0.1:0``) or the path of a TOML file (used as it is; bind
     it to ``127.0.0.1:0``). ``args`` are more ``serve`` options (``--workers 2``). The caller
     owns the process: stop it with :meth:`KeepstreamProcess.send_signal` and ``wait``, or use
-    :func:`run_keepstream_process`, which always does.
+    :func:`run_keepstream_process`, which always does. ``nofile`` sets the process's
+    ``RLIMIT_NOFILE`` (soft and hard), for fd-exhaustion tests.
     """
     if isinstance(config, Config):
         directory = Path(workdir) if workdir is not None else \
@@ -124,6 +133,7 @@ async def start_keepstream_process(
             [sys.executable, "-m", "keepstream", "serve", "--config", str(path), *args],
             stdout=subprocess.PIPE, stderr=err,
             env=None if env is None else {**os.environ, **env},
+            preexec_fn=None if nofile is None else partial(_limit_fds, nofile),
         )
     assert proc.stdout is not None
     buf = b""
@@ -158,6 +168,7 @@ async def run_keepstream_process(
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 20.0,
     stop_timeout: float = 15.0,
+    nofile: int | None = None,
 ) -> AsyncIterator[KeepstreamProcess]:
     """:func:`start_keepstream_process` for the duration of the block.
 
@@ -165,7 +176,7 @@ async def run_keepstream_process(
     seconds for it to exit, then SIGKILLs it: a test never leaves a server behind.
     """
     ks = await start_keepstream_process(config, *args, workdir=workdir, env=env,
-                                        startup_timeout=startup_timeout)
+                                        startup_timeout=startup_timeout, nofile=nofile)
     try:
         yield ks
     finally:

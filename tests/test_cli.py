@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -103,3 +104,17 @@ def test_streams_show_unknown_id(tmp_path: Path) -> None:
 def test_serve_without_routes_is_a_config_error() -> None:
     res = _cli("serve", "--bind", "127.0.0.1:0", "--journal", "none")
     assert res.returncode == 2 and b"routes" in res.stderr
+
+
+def test_serve_with_an_unset_upstream_credential_exits_2(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text('[server]\nbind = "127.0.0.1:0"\n[journal]\nurl = "memory:"\n'
+                    '[[routes]]\nprefix = "/"\nupstream = "http://127.0.0.1:9/"\n'
+                    'upstream_bearer_env = "KS_TEST_SURELY_UNSET"\n')
+    proc = subprocess.run([sys.executable, "-m", "keepstream", "serve", "--config", str(toml)],
+                          capture_output=True, timeout=30,
+                          env={k: v for k, v in os.environ.items()
+                               if k != "KS_TEST_SURELY_UNSET"})
+    assert proc.returncode == 2, proc.stderr
+    assert b"routes[0].upstream_bearer_env" in proc.stderr
+    assert b"Traceback" not in proc.stderr

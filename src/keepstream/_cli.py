@@ -191,8 +191,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     if not config.routes:
         raise ConfigError("routes", "no routes: give --upstream URL or [[routes]] in --config")
+    from ._config import upstream_credentials
     from ._server import serve
 
+    upstream_credentials(config)  # a missing upstream credential: exit 2 before anything runs
     if config.server.workers > 1:
         from ._workers import run_workers
 
@@ -207,7 +209,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             for b in binds:
                 print(f"keepstream listening on {b}", flush=True)
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # One keepstream error from start-up (journal cannot open, ...): report it plainly.
+        leaves = group.subgroup((ConfigError, JournalError))
+        if leaves is not None and len(leaves.exceptions) == 1 and \
+                not isinstance(leaves.exceptions[0], BaseExceptionGroup):
+            raise leaves.exceptions[0] from group
+        raise
     print("keepstream: drained, exiting", file=sys.stderr, flush=True)
     return 0
 

@@ -401,11 +401,6 @@ async def test_row10_workers_sigterm_drains_every_worker(
           f"records per worker {sorted(instances.count(i) for i in set(instances))}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: the hard-exit fallback fires persist_timeout + 1.5 s after the drain, "
-    "outside the validated shutdown budget; fix proposed in the report",
-)
 async def test_row10_stalled_clients_exit_before_stop_grace_at_full_budget(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:

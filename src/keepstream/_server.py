@@ -31,6 +31,10 @@ from ._connections import serve_connections
 from ._proxy import Proxy, open_proxy
 
 
+#: The hard exit after a drain comes at least this long before ``stop_grace`` runs out.
+HARD_EXIT_LEAD = 0.25
+
+
 def create_listen_socket(config: Config, backlog: int = 1024) -> socket.socket:
     """The listening socket, created by keepstream and handed to Hypercorn.
 
@@ -97,7 +101,12 @@ async def run_server(
         await sup.drain()
         drained.set()
         if hard_exit_after_drain is not None:
-            timer = threading.Timer(hard_exit_after_drain, _hard_exit)
+            # Never later than just before the platform's SIGKILL (stop_grace after the
+            # signal), whatever hard_exit_after_drain says.
+            assert sup.drain_started is not None
+            deadline = sup.drain_started + config.server.stop_grace - HARD_EXIT_LEAD
+            delay = max(0.0, min(hard_exit_after_drain, deadline - trio.current_time()))
+            timer = threading.Timer(delay, _hard_exit)
             timer.daemon = True
             timer.start()
 

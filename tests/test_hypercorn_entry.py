@@ -221,11 +221,6 @@ async def test_hypercorn_sigterm_during_live_streams(
           f"{DRAIN_TIMEOUT:g})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: start-up recovery orphans the open records of every other instance, "
-    "live or not (hypercorn --workers N runs it in each worker); fix proposed in the report",
-)
 async def test_two_instances_on_one_journal_never_orphan_a_live_record(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -156,3 +156,41 @@ def test_none_backend_keeps_only_live_rows() -> None:
     r.finish(Status.COMPLETED, None)
     b.commit(Batch(rows=[r.row()]))
     assert b.get(r.id) is None
+
+
+def test_owner_alive_tells_live_instances_from_gone_ones() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from keepstream._record import new_instance_id, owner_alive
+
+    me = new_instance_id()
+    assert owner_alive(me)
+    host, pid, start, rand = me.split("/")
+    assert pid == str(os.getpid())
+    assert not owner_alive(f"{host}/{pid}/{int(start) + 1}/{rand}")  # pid reused later
+    assert not owner_alive(f"another-host/{pid}/{start}/{rand}")
+    assert not owner_alive("old-format-1234-abcd")
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    assert not owner_alive(f"{host}/{done.stdout.strip()}/{start}/{rand}")  # exited
+
+
+def test_recovery_keeps_a_live_siblings_open_records(tmp_path: Path) -> None:
+    from keepstream._journal import Batch, SQLiteBackend
+    from keepstream._record import new_instance_id
+
+    backend = SQLiteBackend(str(tmp_path / "j.db"))
+    backend.setup()
+    try:
+        live = Record(id="a" * 32, instance=new_instance_id(), route="/", method="GET",
+                      path="/x")
+        dead = Record(id="b" * 32, instance="gone-host/1/1/ff", route="/", method="GET",
+                      path="/y")
+        backend.commit(Batch(rows=[live.row(), dead.row()]))
+        assert backend.recover("someone-else") == 1
+        statuses = {r["id"]: r["status"] for r in backend.list_records(None, 10)}
+        assert statuses == {"a" * 32: "open", "b" * 32: "orphaned"}
+    finally:
+        backend.close()

@@ -28,7 +28,7 @@ import trio
 
 from ._config import JournalConfig, journal_kind
 from ._errors import JournalError
-from ._record import Record
+from ._record import Record, owner_alive
 
 _COLUMNS = (
     "id", "instance", "route", "method", "path", "status", "reason", "upstream_status",
@@ -76,7 +76,8 @@ class MemoryBackend:
     def recover(self, instance: str) -> int:
         n = 0
         for row in self.rows.values():
-            if row["status"] == "open" and row["instance"] != instance:
+            if row["status"] == "open" and row["instance"] != instance and \
+                    not owner_alive(row["instance"]):
                 row.update(status="orphaned", reason="found open at start-up",
                            ended_at=time.time())
                 n += 1
@@ -219,13 +220,24 @@ class SQLiteBackend:
         return self._r
 
     def recover(self, instance: str) -> int:
+        """Mark ``orphaned`` the records left ``open`` by instances that are gone (a live
+        sibling's records, ``--workers`` or a second process on this journal, are kept)."""
         try:
-            cur = self._writer.execute(
-                "UPDATE streams SET status = 'orphaned', reason = 'found open at start-up', "
-                "ended_at = ? WHERE status = 'open' AND instance != ?",
-                (time.time(), instance),
-            )
-            return cur.rowcount
+            owners = [r[0] for r in self._writer.execute(
+                "SELECT DISTINCT instance FROM streams WHERE status = 'open' AND instance != ?",
+                (instance,),
+            )]
+            n = 0
+            for owner in owners:
+                if owner_alive(owner):
+                    continue
+                cur = self._writer.execute(
+                    "UPDATE streams SET status = 'orphaned', reason = 'found open at start-up', "
+                    "ended_at = ? WHERE status = 'open' AND instance = ?",
+                    (time.time(), owner),
+                )
+                n += cur.rowcount
+            return n
         except sqlite3.Error as exc:
             raise JournalError(f"recovery failed: {exc}") from exc
 

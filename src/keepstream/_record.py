@@ -27,7 +27,53 @@ def new_stream_id() -> str:
 
 
 def new_instance_id() -> str:
-    return f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}"
+    """``<host>/<pid>/<process start time>/<random>``: enough for start-up recovery to tell a
+    live instance from a dead one on the same host (:func:`owner_alive`)."""
+    pid = os.getpid()
+    return f"{os.uname().nodename}/{pid}/{_process_start(pid) or 0}/{secrets.token_hex(4)}"
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_alive(instance: str) -> bool:
+    """Whether the instance that wrote ``instance`` still runs.
+
+    True only for an instance of this host whose process (same pid, same start time, so a
+    reused pid does not count) still exists. An id from another host, or in an older format,
+    counts as gone: one SQLite journal belongs to the processes of one host (container).
+    """
+    parts = instance.split("/")
+    if len(parts) != 4 or parts[0] != os.uname().nodename:
+        return False
+    try:
+        pid, start = int(parts[1]), int(parts[2])
+    except ValueError:
+        return False
+    now = _process_start(pid)
+    if now is not None:
+        return start != 0 and now == start
+    if start != 0:
+        return False  # it had a start time: /proc exists here, and the process is gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rfc3339(t: float | None) -> str | None:

@@ -30,7 +30,6 @@ from ._config import Config, parse_bind
 from ._connections import serve_connections
 from ._proxy import Proxy, open_proxy
 
-
 #: The hard exit after a drain comes at least this long before ``stop_grace`` runs out.
 HARD_EXIT_LEAD = 0.25
 

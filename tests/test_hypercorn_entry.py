@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import pytest
 import trio
 
 from keepstream.testing import ChaosResult, FakeResponseSpec, FakeUpstream, chaos_request
@@ -274,12 +273,6 @@ async def test_two_instances_on_one_journal_never_orphan_a_live_record(
     assert statuses == ["open", "open", "interrupted"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: under the Hypercorn CLI a client that stopped reading holds Hypercorn's "
-    "shielded write forever (client_stall_timeout is not applied), so lifespan.shutdown never "
-    "comes, the process misses stop_grace and its records stay open; fix proposed in the report",
-)
 async def test_hypercorn_stalled_clients_still_exit_and_persist(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:

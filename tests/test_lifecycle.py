@@ -22,7 +22,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,14 @@ import trio
 
 from keepstream._config import SHUTDOWN_MARGIN
 from keepstream._journal import SQLiteBackend
-from keepstream.testing import ChaosResult, FakeResponseSpec, FakeUpstream, chaos_request
+from keepstream.testing import (
+    ChaosResult,
+    FakeResponseSpec,
+    FakeUpstream,
+    KeepstreamProcess,
+    chaos_request,
+    start_keepstream_process,
+)
 
 KEEPSTREAM = [sys.executable, "-m", "keepstream"]
 RECONNECT = b"event: keepstream-reconnect"
@@ -76,38 +82,13 @@ def write_config(
     return toml, db
 
 
-@dataclass
-class Server:
-    """A ``keepstream serve`` subprocess."""
-
-    proc: trio.Process
-    port: int
-    stderr_path: Path
-    started: float
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+#: A ``keepstream serve`` subprocess (the toolkit's harness: no private copy here).
+Server = KeepstreamProcess
 
 
-async def start_serve(config: Path, *extra: str, stderr_name: str = "stderr.txt") -> Server:
+async def start_serve(config: Path, *extra: str) -> Server:
     """Start ``keepstream serve --config FILE`` and wait for its "listening on" line."""
-    stderr_path = config.parent / stderr_name
-    with stderr_path.open("wb") as err:
-        proc = await trio.lowlevel.open_process(
-            [*KEEPSTREAM, "serve", "--config", str(config), *extra],
-            stdout=subprocess.PIPE, stderr=err,
-        )
-    assert proc.stdout is not None
-    buf = b""
-    with trio.fail_after(20):
-        while b"\n" not in buf:
-            chunk = await proc.stdout.receive_some(4096)
-            assert chunk, f"keepstream serve exited early: {stderr_path.read_text()}"
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    assert line.startswith("keepstream listening on http://127.0.0.1:"), line
-    url = line.split()[3]
-    return Server(proc, int(url.rsplit(":", 1)[1]), stderr_path, trio.current_time())
+    return await start_keepstream_process(config, *extra, workdir=config.parent)
 
 
 def open_journal(db: Path) -> SQLiteBackend:

@@ -261,3 +261,27 @@ async def test_retention_prunes_old_records(
                 assert time.time() - t0 < 5, "retention never pruned the record"
                 await trio.sleep(0.1)
             assert await ks.body(sid.decode()) == b""
+
+
+async def test_resumable_event_over_the_caps_cuts_the_response_never_a_silent_gap(
+    fake_upstream: FakeUpstream, journal_url: str
+) -> None:
+    """An upstream line over ``max_line_bytes`` on a resumable route: the client gets the
+    events before it with their ids, then a comment saying why, then the response is cut (no
+    clean end, so it is never taken for complete). The journal keeps every byte."""
+    from keepstream._resume import OVERFLOW_NOTE
+
+    spec = FakeResponseSpec(events=3, style="plain", huge_line=4096)
+    server = ServerConfig(bind="127.0.0.1:0", drain_timeout=2.0, stop_grace=10.0,
+                          max_line_bytes=1024)
+    cfg = make_config(fake_upstream.url, journal_url, resumable=True, server=server)
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            res = await chaos_request(ks.port, "GET", "/huge", headers=spec.headers())
+            sid = (res.header("keepstream-id") or b"").decode()
+            rec = await ks.wait_terminal(sid)
+            journaled = await ks.body(sid)
+    assert res.status == 200 and not res.complete
+    assert res.body.endswith(OVERFLOW_NOTE)
+    assert res.body.count(b"id: ks1.") == 3
+    assert rec["status"] == "completed" and journaled == spec.expected_body()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -403,10 +404,15 @@ class KeepstreamApp:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_disconnect)
-            async for data in read_stream(sup, sid, 0):
-                out = rewriter.feed(data)
-                if out:
-                    await watched({"type": "http.response.body", "body": out, "more_body": True})
+            async with aclosing(read_stream(sup, sid, 0)) as chunks:
+                async for data in chunks:
+                    out = rewriter.feed(data)
+                    if out:
+                        await watched({"type": "http.response.body", "body": out,
+                                       "more_body": True})
+                    if rewriter.overflowed:
+                        nursery.cancel_scope.cancel()  # cut: see EventRewriter.feed
+                        return
             final = live.record.row() if live is not None else await sup.writer.get(sid)
             status = None if final is None else final["status"]
             if status == Status.INTERRUPTED and live is not None:
@@ -503,9 +509,10 @@ class KeepstreamApp:
                                      max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
                     "headers": headers})
-        if not await _pump(stream, sub, send, self.supervisor,
-                           rewriter.feed if rewriter is not None else None):
+        if not await _pump(stream, sub, send, self.supervisor, rewriter):
             return False
+        if rewriter is not None and rewriter.overflowed:
+            return True  # cut without a clean end: the rest cannot carry resumable ids
         status = stream.record.status
         if status is Status.COMPLETED:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -543,9 +550,10 @@ def reconnect_event(stream: LiveStream, rewriter: EventRewriter | None = None) -
 
 async def _pump(
     stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor,
-    transform: Callable[[bytes], bytes] | None = None,
+    rewriter: EventRewriter | None = None,
 ) -> bool:
-    """Copy the stream to ``send`` from ``sub.offset`` until it finishes. False if dropped."""
+    """Copy the stream to ``send`` from ``sub.offset`` until it finishes (or ``rewriter``
+    overflowed). False if the subscriber was dropped."""
     writer = sup.writer
     while True:
         if sub.dropped:
@@ -558,11 +566,13 @@ async def _pump(
             )
         if data:
             sub.offset += len(data)
-            if transform is not None:
-                data = transform(data)
+            if rewriter is not None:
+                data = rewriter.feed(data)
                 if not data:
                     continue
             await send({"type": "http.response.body", "body": data, "more_body": True})
+            if rewriter is not None and rewriter.overflowed:
+                return True
             continue
         if stream.finished:
             return True

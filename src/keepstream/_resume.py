@@ -13,7 +13,7 @@ Sans-IO parts (:class:`EventRewriter`, :class:`EventSkipper`, :func:`parse_ks_id
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ._sse import Comment, Event, SSEParser
 from ._supervisor import MAX_SEND, Lagging, Supervisor
@@ -31,6 +31,11 @@ def parse_ks_id(value: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
+#: The last bytes a resumable client gets when an upstream line or event is over the caps.
+OVERFLOW_NOTE = (b": keepstream: an upstream event is over max_line_bytes/max_event_bytes; "
+                 b"this response ends here, the journal keeps every byte\n\n")
+
+
 class EventRewriter:
     """Raw upstream SSE bytes in, the same events with keepstream ids out (events after
     ``skip`` only). Comments pass through (they keep connections alive)."""
@@ -41,10 +46,17 @@ class EventRewriter:
         self.skip = skip
         self.seq = 0
         self._prefix = f"id: ks1.{stream_id}.".encode()
+        self.overflowed = False
         self.parser = SSEParser(max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
 
     def feed(self, data: bytes) -> bytes:
-        return self._render(self.parser.feed(data))
+        out = self._render(self.parser.feed(data))
+        if self.parser.overflowed and not self.overflowed:
+            # A line or event over the size caps: its events can no longer be re-identified.
+            # Say so and let the caller end the response (never a silent gap).
+            self.overflowed = True
+            out += OVERFLOW_NOTE
+        return out
 
     def _render(self, items: list[Event | Comment]) -> bytes:
         out: list[bytes] = []
@@ -99,7 +111,9 @@ class EventSkipper:
         return b""
 
 
-async def read_stream(sup: Supervisor, stream_id: str, offset: int = 0) -> AsyncIterator[bytes]:
+async def read_stream(
+    sup: Supervisor, stream_id: str, offset: int = 0
+) -> AsyncGenerator[bytes, None]:
     """Every body byte of a stream from ``offset``: the journal, then the live tail until the
     stream ends. Reading never slows the upstream or other readers (a reader behind the live
     buffer reads the journal)."""

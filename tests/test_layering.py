@@ -16,6 +16,7 @@ SANS_IO = {"_errors", "_sse", "_state", "_rules", "_record", "_config"}
 LAYER = {
     **dict.fromkeys(SANS_IO, 0),
     "_journal": 1,
+    "_pool": 1,
     "_supervisor": 2,
     "_resume": 3,
     "_app": 4,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+from . import _pool
 from ._app import KeepstreamApp
 from ._config import Config, upstream_credentials
 from ._errors import ProxyError
@@ -43,11 +44,16 @@ def make_client(config: Config) -> httpx.AsyncClient:
     (a client's request goes upstream with its own headers only), pool sized for ``max_streams``.
     """
     n = config.server.max_streams
-    client = httpx.AsyncClient(
+    transport = httpx.AsyncHTTPTransport(
         trust_env=False,
-        follow_redirects=False,
         limits=httpx.Limits(max_connections=n, max_keepalive_connections=min(n, 256),
                             keepalive_expiry=30.0),
+    )
+    _pool.install(transport)  # linear pool bookkeeping (see _pool.py)
+    client = httpx.AsyncClient(
+        transport=transport,
+        trust_env=False,
+        follow_redirects=False,
         timeout=httpx.Timeout(None, connect=10.0, pool=config.server.pool_timeout),
     )
     for name in list(client.headers.keys()):

@@ -24,6 +24,7 @@ To add a peer, add an entry to ``PEERS``; to add a scenario, an entry to ``SCENA
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -51,6 +52,11 @@ class Peer:
     describe: str
     #: (bind, upstream_url, state) -> argv; ``state`` is a path prefix unique to this peer
     argv: Callable[[str, str, Path], list[str]]
+    #: Python modules the peer needs (``pip install -e '.[bench]'``); missing: peer skipped
+    requires: tuple[str, ...] = ()
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
 
 PEERS: dict[str, Peer] = {
@@ -66,10 +72,17 @@ PEERS: dict[str, Peer] = {
         Peer("minimal", "minimal relay: Hypercorn trio + httpx, no journal (baseline)",
              lambda bind, up, tmp: [PY, str(HERE / "minimal_relay.py"), "--bind", bind,
                                     "--upstream", up]),
+        Peer("aiohttp", "aiohttp server + ClientSession relay, one write per chunk",
+             lambda bind, up, tmp: [PY, str(HERE / "aiohttp_relay.py"), "--bind", bind,
+                                    "--upstream", up], requires=("aiohttp",)),
+        Peer("starlette", "Starlette StreamingResponse on uvicorn over httpx",
+             lambda bind, up, tmp: [PY, str(HERE / "starlette_relay.py"), "--bind", bind,
+                                    "--upstream", up],
+             requires=("starlette", "uvicorn")),
     ]
 }
 BASELINE = "minimal"
-DEFAULT_PEERS = ["keepstream-sqlite", "keepstream-none", "minimal"]
+DEFAULT_PEERS = ["keepstream-sqlite", "keepstream-none", "minimal", "aiohttp", "starlette"]
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -350,6 +363,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def ratio_lines(rows: list[Row], subject: str = "keepstream-sqlite") -> list[str]:
+    """``subject``'s CPU per event over every other peer's, per scenario (same run)."""
+    out = []
+    for sc in dict.fromkeys(r.scenario for r in rows):
+        mine = next((r for r in rows if r.scenario == sc and r.peer == subject), None)
+        if mine is None:
+            continue
+        parts = [f"{r.peer} {mine.cpu_us / r.cpu_us:.2f}x" for r in rows
+                 if r.scenario == sc and r.peer != subject and r.cpu_us > 0]
+        if parts:
+            out.append(f"{subject} cpu/event vs each peer, {sc}: " + ", ".join(parts))
+    return out
+
+
 #: (scenario, peer, max ratio vs BASELINE): the targets of the performance issue.
 TARGETS = [("bulk", "keepstream-sqlite", 0.5), ("paced", "keepstream-sqlite", 1.0)]
 
@@ -422,6 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     for p in peers:
         if p.partition("@")[0] not in PEERS:
             raise SystemExit(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
+    for p in list(peers):
+        gone = PEERS[p.partition("@")[0]].missing()
+        if gone:
+            print(f"note: peer {p} skipped: {', '.join(gone)} not installed "
+                  f"(pip install -e '.[bench]')", flush=True)
+            peers.remove(p)
+    if shutil.which("nginx") is None:
+        print("note: nginx not installed: no nginx peer in this run", flush=True)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu = gen_cpu = None
@@ -481,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(results, peers, scenarios)
     print()
     print(format_table(rows))
+    for line in ratio_lines(rows):
+        print(line)
     notes = [] if args.smoke else caveats(rows, proxy_cpu)
     if notes:
         print()

@@ -10,7 +10,9 @@ optionally its latency from the upstream's embedded timestamp). The streams all 
 With ``--wait-go`` it prints ``READY`` after start-up and waits for a line on stdin, so the
 caller can sample the proxy's CPU right before the load begins. The result is one JSON line on
 stdout: ``events``, ``bytes``, ``wall_s`` (first connect to last byte), ``errors``,
-``cpu_s`` (this process), and with ``--latency`` ``lat_p50_ms``/``lat_p99_ms``/``lat_max_ms``.
+``cpu_s`` (this process), ``ttfb_p50_ms``/``ttfb_p99_ms``, and with ``--latency``
+``lat_p50_ms``/``lat_p99_ms``/``lat_max_ms``. ``--sequential`` runs the streams one after
+another (the time-to-first-byte scenario).
 """
 
 from __future__ import annotations
@@ -74,9 +76,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     t0 = time.monotonic()
     with trio.move_on_after(args.timeout) as cs:
-        async with trio.open_nursery() as nursery:
-            for _ in range(args.streams):
-                nursery.start_soon(guarded)
+        if args.sequential:
+            for _ in range(args.streams):  # one after another, a new connection each
+                await guarded()
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(args.streams):
+                    nursery.start_soon(guarded)
     if cs.cancelled_caught:
         errors.append(f"timed out after {args.timeout} s")
     out: dict[str, object] = {**totals, "wall_s": time.monotonic() - t0}
@@ -84,6 +90,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     if ttfb:
         ttfb.sort()
         out["ttfb_p50_ms"] = ttfb[len(ttfb) // 2] * 1e3
+        out["ttfb_p99_ms"] = ttfb[min(len(ttfb) - 1, int(len(ttfb) * 0.99))] * 1e3
         out["ttfb_max_ms"] = ttfb[-1] * 1e3
         out["first_end_s"] = min(ends) - t0
         out["last_end_s"] = max(ends) - t0
@@ -104,6 +111,8 @@ def cli() -> None:
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--expect", type=int, required=True, help="events expected per stream")
     p.add_argument("--latency", action="store_true", help="record per-event latency")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the streams one after another (time-to-first-byte scenario)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
     p.add_argument("--wait-go", action="store_true", help="print READY, wait for a stdin line")

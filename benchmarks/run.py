@@ -95,6 +95,7 @@ class Load:
     latency: bool
     timeout: float
     offered: float | None = None  # events/s the upstream tries to send in all (paced)
+    sequential: bool = False  # one request after another, a new connection each (ttfb)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ def _paced(streams: int, events: int, rate: float) -> Load:
                 timeout=60 + 5 * events / rate, offered=streams * rate)
 
 
+def _ttfb(requests: int) -> Load:
+    return Load(requests, 1, "/bulk?events=1", False, timeout=60 + requests * 0.1,
+                sequential=True)
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -128,6 +134,12 @@ SCENARIOS: dict[str, Scenario] = {
             lambda a: _paced(a.streams or a.paced_streams,
                              max(1, round(a.rate * a.duration)), a.rate),
             lambda a: _paced(a.streams or a.paced_streams, max(1, round(a.rate * 0.2)), a.rate),
+        ),
+        Scenario(
+            "ttfb", "short requests one after another, a new connection each: the figure is "
+            "CPU per request, p50/p99 are time to first byte",
+            lambda a: _ttfb(a.requests),
+            lambda a: _ttfb(max(1, min(a.requests, 20))),
         ),
     ]
 }
@@ -243,6 +255,8 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
             "--timeout", str(load.timeout)]
     if load.latency:
         argv.append("--latency")
+    if load.sequential:
+        argv.append("--sequential")
     with log.open("ab") as errf:
         lg = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf,
                               preexec_fn=_pinned(gen_cpu), cwd=HERE.parent)
@@ -283,7 +297,8 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         if proxy_cpu is not None else float("nan"),
         gen_other_cpu_s=max(0.0, (gbusy1 - gbusy0) + (gsteal1 - gsteal0) - (up_mid - up0)
                             - out["cpu_s"]) if gen_cpu is not None else float("nan"),
-        lat_p50_ms=out.get("lat_p50_ms"), lat_p99_ms=out.get("lat_p99_ms"),
+        lat_p50_ms=out.get("ttfb_p50_ms" if load.sequential else "lat_p50_ms"),
+        lat_p99_ms=out.get("ttfb_p99_ms" if load.sequential else "lat_p99_ms"),
         errors=out["errors"], offered=load.offered,
     )
 
@@ -428,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=2000, help="bulk: events per stream")
     p.add_argument("--duration", type=float, default=10.0, help="paced: seconds per stream")
     p.add_argument("--rate", type=float, default=50.0, help="paced: events/s per stream")
+    p.add_argument("--requests", type=int, default=500, help="ttfb: sequential requests")
     p.add_argument("--repeat", type=int, default=3, help="runs per peer and scenario (median)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for CI: 4 streams, few events, 1 repeat; fails only if a "
@@ -440,6 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.bulk_streams, args.paced_streams = 50, 200
     if args.smoke:
         args.streams, args.events, args.duration, args.repeat = 4, 200, 0.4, 1
+        args.requests = 10
     return args
 
 

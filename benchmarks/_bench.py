@@ -235,6 +235,21 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory (KiB) of ``pid`` and its live descendants, from ``/proc/<pid>/status``."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
 def pin_to(cpu: int | None) -> None:
     """Pin the calling process to one CPU (no-op when ``cpu`` is None)."""
     if cpu is not None:

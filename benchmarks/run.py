@@ -33,12 +33,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _bench import cpu_times, tree_cpu_seconds
+from _bench import cpu_times, tree_cpu_seconds, tree_rss_kib
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -96,6 +97,7 @@ class Load:
     timeout: float
     offered: float | None = None  # events/s the upstream tries to send in all (paced)
     sequential: bool = False  # one request after another, a new connection each (ttfb)
+    rss: bool = False  # sample the proxy's RSS during the load (idle)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ def _paced(streams: int, events: int, rate: float) -> Load:
                 timeout=60 + 5 * events / rate, offered=streams * rate)
 
 
+def _idle(streams: int, seconds: float) -> Load:
+    events = max(1, round(seconds))
+    return Load(streams, events, f"/paced?events={events}&rate=1", False,
+                timeout=60 + 5 * events, offered=float(streams), rss=True)
+
+
 def _ttfb(requests: int) -> Load:
     return Load(requests, 1, "/bulk?events=1", False, timeout=60 + requests * 0.1,
                 sequential=True)
@@ -134,6 +142,11 @@ SCENARIOS: dict[str, Scenario] = {
             lambda a: _paced(a.streams or a.paced_streams,
                              max(1, round(a.rate * a.duration)), a.rate),
             lambda a: _paced(a.streams or a.paced_streams, max(1, round(a.rate * 0.2)), a.rate),
+        ),
+        Scenario(
+            "idle", "many open streams at 1 event/s each: CPU per event and RSS per open stream",
+            lambda a: _idle(a.idle_streams, a.duration),
+            lambda a: _idle(min(a.idle_streams, 50), 1),
         ),
         Scenario(
             "ttfb", "short requests one after another, a new connection each: the figure is "
@@ -238,6 +251,7 @@ class Result:
     lat_p99_ms: float | None
     errors: list[str]
     offered: float | None = None
+    rss_kib_per_stream: float | None = None
 
     @property
     def cpu_us_per_event(self) -> float:
@@ -269,9 +283,23 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         cpu0, up0 = tree_cpu_seconds(peer.pid), tree_cpu_seconds(upstream.pid)
         busy0, steal0, _ = cpu_times(proxy_cpu) if proxy_cpu is not None else (0.0, 0.0, 0.0)
         gbusy0, gsteal0, _ = cpu_times(gen_cpu) if gen_cpu is not None else (0.0, 0.0, 0.0)
+        rss0 = tree_rss_kib(peer.pid)
+        peak = [rss0]
+        sampling = threading.Event()
+
+        def sample_rss() -> None:
+            while not sampling.wait(0.25):
+                peak[0] = max(peak[0], tree_rss_kib(peer.pid))
+
+        sampler = threading.Thread(target=sample_rss, daemon=True) if load.rss else None
         lg.stdin.write(b"go\n")
         lg.stdin.flush()
+        if sampler is not None:
+            sampler.start()
         line = lg.stdout.readline()
+        sampling.set()
+        if sampler is not None:
+            sampler.join()
         busy1, steal1, _ = cpu_times(proxy_cpu) if proxy_cpu is not None else (0.0, 0.0, 0.0)
         gbusy1, gsteal1, _ = cpu_times(gen_cpu) if gen_cpu is not None else (0.0, 0.0, 0.0)
         lg.wait()
@@ -300,6 +328,7 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         lat_p50_ms=out.get("ttfb_p50_ms" if load.sequential else "lat_p50_ms"),
         lat_p99_ms=out.get("ttfb_p99_ms" if load.sequential else "lat_p99_ms"),
         errors=out["errors"], offered=load.offered,
+        rss_kib_per_stream=(peak[0] - rss0) / load.streams if load.rss else None,
     )
 
 
@@ -324,6 +353,7 @@ class Row:
     p99: float | None
     offered: float | None
     failed_runs: int
+    rss_kib_per_stream: float | None = None
 
 
 def _median(xs: list[float]) -> float:
@@ -354,6 +384,9 @@ def summarize(results: list[Result], peers: list[str], scenarios: list[str]) -> 
                 gen_other_pct=_median([100 * r.gen_other_cpu_s / r.wall_s for r in rs]),
                 p50=_median(p50) if p50 else None, p99=_median(p99) if p99 else None,
                 offered=rs[0].offered, failed_runs=sum(1 for r in rs if r.errors),
+                rss_kib_per_stream=_median([r.rss_kib_per_stream for r in rs
+                                            if r.rss_kib_per_stream is not None])
+                if any(r.rss_kib_per_stream is not None for r in rs) else None,
             ))
     return rows
 
@@ -361,7 +394,7 @@ def summarize(results: list[Result], peers: list[str], scenarios: list[str]) -> 
 def format_table(rows: list[Row]) -> str:
     head = ["proxy", "scenario", "streams", "events", "cpu_us/event", "(min-max)",
             f"vs {BASELINE}", "events/s", "proxy cpu%", "other%", "gen cpu%", "p50 ms",
-            "p99 ms"]
+            "p99 ms", "rss KiB/stream"]
     body = [[
         r.peer, r.scenario, str(r.streams), str(r.events), f"{r.cpu_us:.1f}",
         f"{r.cpu_lo:.1f}-{r.cpu_hi:.1f}", f"{r.ratio:.2f}" if r.ratio is not None else "-",
@@ -369,6 +402,7 @@ def format_table(rows: list[Row]) -> str:
         f"{r.gen_cpu_pct:.0f}",
         f"{r.p50:.2f}" if r.p50 is not None else "-",
         f"{r.p99:.2f}" if r.p99 is not None else "-",
+        f"{r.rss_kib_per_stream:.1f}" if r.rss_kib_per_stream is not None else "-",
     ] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in
@@ -444,6 +478,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="paced: seconds per stream")
     p.add_argument("--rate", type=float, default=50.0, help="paced: events/s per stream")
     p.add_argument("--requests", type=int, default=500, help="ttfb: sequential requests")
+    p.add_argument("--idle-streams", type=int, default=2000, help="idle: open streams")
     p.add_argument("--repeat", type=int, default=3, help="runs per peer and scenario (median)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for CI: 4 streams, few events, 1 repeat; fails only if a "
@@ -457,6 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.streams, args.events, args.duration, args.repeat = 4, 200, 0.4, 1
         args.requests = 10
+        args.idle_streams = 20
     return args
 
 
@@ -501,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             base, _, src = name.partition("@")
             proc = Proc(name, PEERS[base].argv(f"127.0.0.1:{port}", up_url, work / f"{port}"),
                         work / f"{name.replace('/', '_')}.log", proxy_cpu,
-                        env={"PYTHONPATH": src} if src else None)
+                        env={**({"PYTHONPATH": src} if src else {}),
+                             "KEEPSTREAM_MAX_STREAMS": "20000"})
             procs.append(proc)
             running[name] = (proc, port)
         for proc, port in running.values():

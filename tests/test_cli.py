@@ -118,3 +118,23 @@ def test_serve_with_an_unset_upstream_credential_exits_2(tmp_path: Path) -> None
     assert proc.returncode == 2, proc.stderr
     assert b"routes[0].upstream_bearer_env" in proc.stderr
     assert b"Traceback" not in proc.stderr
+
+
+def test_environment_overrides_the_file_and_flags_override_the_environment(
+    tmp_path: Path,
+) -> None:
+    import argparse
+
+    from keepstream import ConfigError
+    from keepstream._cli import build_config
+
+    toml = tmp_path / "k.toml"
+    toml.write_text('[server]\nmax_streams = 10\nworkers = 1\n[[routes]]\nprefix = "/"\n'
+                    'upstream = "http://127.0.0.1:9/"\n')
+    env = {"KEEPSTREAM_MAX_STREAMS": "20000", "KEEPSTREAM_WORKERS": "3"}
+    args = argparse.Namespace(config=str(toml), workers=2)
+    cfg = build_config(args, env)
+    assert cfg.server.max_streams == 20000 and cfg.server.workers == 2
+    with pytest.raises(ConfigError) as info:
+        build_config(argparse.Namespace(config=str(toml)), {"KEEPSTREAM_MAX_STREAMS": "many"})
+    assert "max_streams" in str(info.value) and "KEEPSTREAM_MAX_STREAMS" in str(info.value)

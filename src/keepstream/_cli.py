@@ -24,6 +24,7 @@ ENV_KEYS = {
     "KEEPSTREAM_DRAIN_TIMEOUT": ("server", "drain_timeout", float),
     "KEEPSTREAM_STOP_GRACE": ("server", "stop_grace", float),
     "KEEPSTREAM_WORKERS": ("server", "workers", int),
+    "KEEPSTREAM_MAX_STREAMS": ("server", "max_streams", int),
     "KEEPSTREAM_JOURNAL": ("journal", "url", str),
 }
 

@@ -17,6 +17,7 @@ LAYER = {
     **dict.fromkeys(SANS_IO, 0),
     "_journal": 1,
     "_pool": 1,
+    "_transport": 1,
     "_supervisor": 2,
     "_resume": 3,
     "_app": 4,

@@ -33,6 +33,7 @@ from ._rules import (
     normalize_path,
 )
 from ._supervisor import MAX_SEND, Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+from ._transport import FastTransport
 
 log = logging.getLogger("keepstream")
 
@@ -42,14 +43,20 @@ def make_client(config: Config) -> httpx.AsyncClient:
 
     No redirects, no proxy variables from the environment, no default headers of httpx's own
     (a client's request goes upstream with its own headers only), pool sized for ``max_streams``.
+    ``http://`` upstreams go through :class:`~keepstream._transport.FastTransport` (large
+    reads, one pass over the chunked framing per read); ``https://`` ones through httpx's own
+    transport with the linear pool of ``_pool.py``.
     """
     n = config.server.max_streams
-    transport = httpx.AsyncHTTPTransport(
+    keepalive = min(n, 256)
+    tls = httpx.AsyncHTTPTransport(
         trust_env=False,
-        limits=httpx.Limits(max_connections=n, max_keepalive_connections=min(n, 256),
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=keepalive,
                             keepalive_expiry=30.0),
     )
-    _pool.install(transport)  # linear pool bookkeeping (see _pool.py)
+    _pool.install(tls)  # linear pool bookkeeping (see _pool.py)
+    transport = FastTransport(max_connections=n, max_keepalive=keepalive,
+                              keepalive_expiry=30.0, fallback=tls)
     client = httpx.AsyncClient(
         transport=transport,
         trust_env=False,

@@ -1,0 +1,602 @@
+"""A lean HTTP/1.1 transport for the upstream side, behind httpx's transport interface.
+
+Why: keepstream forwards many small upstream chunks (an SSE event is often one HTTP chunk).
+Through httpx's default transport every chunk climbs about six async-generator layers (httpx ->
+httpcore -> h11) and every socket read runs under its own ``fail_after`` scope and two scheduler
+passes; profiled under keepstream's paced benchmark that path was a third of the proxy's CPU.
+This transport reads the socket in large pieces (up to ``READ_SIZE``) and decodes the chunked
+framing of everything a piece holds in one pass, so a piece carrying 600 events costs one
+iteration, not 600. httpx stays the client API: ``httpx.AsyncClient(transport=FastTransport())``.
+
+Scope, on purpose small:
+
+* ``http://`` only, HTTP/1.1 with keep-alive. Any other scheme goes to ``fallback`` (httpx's own
+  transport), so ``https://`` routes keep working unchanged.
+* Response framing as RFC 9112 section 6.3: no body for ``HEAD``, 1xx, 204 and 304; chunked
+  when ``chunked`` is the final transfer coding; else read-until-close when any other
+  Transfer-Encoding is present; else Content-Length (several values must agree); else
+  read-until-close. Informational responses (100, 103) before the final one are skipped; 101
+  is a protocol error (keepstream never asks for an upgrade).
+* Strict where framing is concerned: a malformed status line, header line, chunk size or
+  Content-Length, an obs-fold, a head over ``MAX_HEAD`` bytes, or a body cut short raises
+  ``httpx.RemoteProtocolError``; socket errors become ``httpx.ReadError``/``WriteError``. The
+  bytes decoded before the error are always yielded first, so a stream reset after k bytes
+  has exactly those k bytes.
+* Timeouts: ``connect``, ``pool``, ``read`` and ``write`` from the request's ``timeout``
+  extension (None means none: keepstream runs its own deadlines as cancel scopes).
+* Cancellation: a cancelled request or an early ``aclose()`` closes the socket at once
+  (synchronously, so a cancelled caller cannot skip it); only a connection whose response was
+  read to its end, framed by length or chunks, without ``Connection: close``, is kept alive.
+* Pool: at most ``max_connections`` (waiting up to the ``pool`` timeout, then
+  ``httpx.PoolTimeout``), at most ``max_keepalive`` idle ones, each for ``keepalive_expiry``
+  seconds; an idle connection that became readable (the peer closed it) is never reused.
+
+Resources: the transport owns its sockets; ``aclose()`` closes every idle one. A response's
+socket belongs to its stream until the stream ends or is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from itertools import repeat
+from typing import Any
+
+import httpx
+import trio
+
+__all__ = ["FastTransport"]
+
+#: Bytes asked of one ``recv()``: enough for about 150 small SSE events per read, small enough
+#: that the live buffer (trimmed in whole pieces) stays close to ``stream_buffer_bytes``.
+READ_SIZE = 16 * 1024
+#: Largest response head (status line and headers).
+MAX_HEAD = 64 * 1024
+#: Largest chunk-size line (with extensions) and trailer section.
+MAX_CHUNK_LINE = 4 * 1024
+
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_HEXDIGITS = b"0123456789abcdefABCDEF"
+
+
+class _Conn:
+    """One upstream connection: a non-blocking stdlib socket driven with trio's I/O waits."""
+
+    __slots__ = ("idle_since", "key", "sock")
+
+    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
+        self.sock = sock
+        self.key = key
+        self.idle_since = 0.0
+
+    def _read(self) -> bytes:
+        # Into one shared buffer, then copied out at its exact size: ``recv(n)`` would
+        # allocate n bytes per read and shrink them, which fragments the heap when many
+        # streams keep their reads alive in live buffers.
+        n = self.sock.recv_into(_READ_BUF)
+        return _READ_VIEW[:n].tobytes()
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    def stale(self) -> bool:
+        """True when the peer closed (or sent something unasked) while the connection idled."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    async def send_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        sock = self.sock
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                with trio.move_on_at(deadline) as cs:
+                    await trio.lowlevel.wait_writable(sock)
+                if cs.cancelled_caught:
+                    raise httpx.WriteTimeout("upstream write timed out") from None
+                continue
+            except OSError as exc:
+                raise httpx.WriteError(f"upstream write failed: {exc}") from exc
+            view = view[sent:]
+
+    async def recv(self, deadline: float) -> bytes:
+        """The next bytes (b"" at EOF). A checkpoint, as trio's own socket reads: it raises
+        ``Cancelled`` if cancelled, and yields to the scheduler once, in the I/O wait or after
+        a read that did not have to wait."""
+        sock = self.sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = self._read()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise httpx.ReadError(f"upstream read failed: {exc}") from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            if deadline == _INF:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                with trio.move_on_at(deadline) as cs:
+                    await trio.lowlevel.wait_readable(sock)
+                if cs.cancelled_caught:
+                    raise httpx.ReadTimeout("upstream read timed out")
+            try:
+                return self._read()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise httpx.ReadError(f"upstream read failed: {exc}") from exc
+
+
+_INF = float("inf")
+# One read buffer for the process: trio runs one task at a time, and a read is copied out of
+# it before anything awaits.
+_READ_BUF = bytearray(READ_SIZE)
+_READ_VIEW = memoryview(_READ_BUF)
+
+
+def _deadline(timeout: Any) -> float:
+    return _INF if timeout is None else trio.current_time() + float(timeout)
+
+
+class _ChunkedDecoder:
+    """Sans-IO decoder of the chunked transfer coding (RFC 9112 section 7.1).
+
+    ``feed(data)`` returns the body bytes that ``data`` completes (joined) and sets ``done``
+    once the last chunk and the trailer section have arrived; bytes after that are
+    ``leftover``. Chunk extensions are ignored, trailers are read and dropped.
+    """
+
+    __slots__ = ("_buf", "_fast", "_remaining", "_state", "done", "leftover")
+
+    def __init__(self) -> None:
+        self._fast = True
+        self._buf = b""
+        self._remaining = 0
+        self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self.done = False
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        out: list[bytes] = []
+        pos = 0
+        if self._state == 0 and self._fast:
+            pos = self._fast_path(data, out)
+        n = len(data)
+        state = self._state
+        remaining = self._remaining
+        find = data.find
+        while pos < n:
+            if state == 1:
+                end = pos + remaining
+                if end > n:
+                    out.append(data[pos:] if pos else data)
+                    remaining -= n - pos
+                    pos = n
+                    break
+                out.append(data[pos:end])
+                pos = end
+                state = 2
+            if state == 2:
+                if n - pos < 2:
+                    break
+                if data[pos] != 13 or data[pos + 1] != 10:
+                    raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after data")
+                pos += 2
+                state = 0
+            if state == 0:
+                i = find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
+                if i < 0:
+                    if n - pos >= MAX_CHUNK_LINE:
+                        raise httpx.RemoteProtocolError("chunk size line too long")
+                    break
+                line = data[pos:i]
+                pos = i + 2
+                semi = line.find(b";")
+                if semi >= 0:
+                    line = line[:semi]
+                line = line.rstrip(b" \t")
+                if _HEX.fullmatch(line) is None:
+                    raise httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
+                remaining = int(line, 16)
+                state = 1 if remaining else 3
+            elif state == 3:
+                # Trailer section: header lines, then an empty line.
+                if data.startswith(b"\r\n", pos):
+                    self.done = True
+                    self.leftover = data[pos + 2 :]
+                    pos = n
+                    break
+                i = find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
+                if i < 0:
+                    if n - pos >= MAX_CHUNK_LINE:
+                        raise httpx.RemoteProtocolError("trailer line too long")
+                    break
+                pos = i + 2
+        if pos < n:
+            self._buf = data[pos:]
+        self._state = state
+        self._remaining = remaining
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _fast_path(self, data: bytes, out: list[bytes]) -> int:
+        """Decode the run of plain chunks (``<hex>CRLF<data>CRLF``, no extensions) at the
+        start of ``data`` in a few C-level passes instead of a Python step per chunk; return
+        where the general loop goes on. Chunk data holding a CRLF breaks the pattern: the
+        general loop then takes the whole piece, and (since such a body likely repeats it)
+        every later one."""
+        parts = data.split(b"\r\n")
+        m = (len(parts) - 1) // 2  # pairs followed by a CRLF: complete chunks, if valid
+        if m < 2:
+            return 0
+        sizes = parts[0 : 2 * m : 2]
+        bodies = parts[1 : 2 * m : 2]
+        ok = (
+            min(map(len, sizes)) >= 1
+            and max(map(len, sizes)) <= 16
+            and not b"".join(sizes).translate(None, _HEXDIGITS)
+        )
+        if ok:
+            lengths = list(map(len, bodies))
+            ok = list(map(int, sizes, repeat(16))) == lengths and 0 not in lengths
+        if not ok:
+            self._fast = False
+            return 0
+        out.append(b"".join(bodies))
+        return sum(lengths) + sum(map(len, sizes)) + 4 * m
+
+    def pending(self) -> int:
+        """Bytes held back (an incomplete size line or CRLF)."""
+        return len(self._buf)
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body; returns its connection to the pool when read to a clean end."""
+
+    def __init__(
+        self,
+        transport: FastTransport,
+        conn: _Conn,
+        first: bytes,
+        framing: str,
+        length: int,
+        reusable: bool,
+        read_timeout: Any,
+    ) -> None:
+        self._transport = transport
+        self._conn: _Conn | None = conn
+        self._first = first
+        self._framing = framing  # "none" | "length" | "chunked" | "close"
+        self._length = length
+        self._reusable = reusable
+        self._read_timeout = read_timeout
+        self._complete = framing == "none"
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            raise httpx.StreamClosed()
+        timeout = self._read_timeout
+        framing = self._framing
+        data = self._first
+        self._first = b""
+        if framing == "none":
+            return
+        if framing == "close":
+            while True:
+                if data:
+                    yield data
+                data = await conn.recv(_deadline(timeout))
+                if not data:
+                    self._complete = True
+                    return
+        if framing == "length":
+            left = self._length
+            while True:
+                if data:
+                    if len(data) >= left:
+                        if len(data) > left:
+                            self._reusable = False  # bytes past the body: do not reuse
+                        self._complete = True
+                        if left:
+                            yield data[:left]
+                        return
+                    left -= len(data)
+                    yield data
+                if not left:
+                    self._complete = True
+                    return
+                data = await conn.recv(_deadline(timeout))
+                if not data:
+                    raise httpx.RemoteProtocolError(
+                        f"upstream closed the connection {left} bytes before the end of the "
+                        "body (Content-Length)")
+        decoder = _ChunkedDecoder()
+        while True:
+            if data:
+                out = decoder.feed(data)
+                if decoder.done:
+                    if decoder.leftover:
+                        self._reusable = False
+                    self._complete = True
+                    if out:
+                        yield out
+                    return
+                if out:
+                    yield out
+            data = await conn.recv(_deadline(timeout))
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "upstream closed the connection before the end of the chunked body")
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._transport._release(conn, self._complete and self._reusable)
+
+
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
+    """Status code, reason, raw headers and HTTP/1.1-ness of a response head (no final CRLF)."""
+    lines = head.split(b"\r\n")
+    m = _STATUS.fullmatch(lines[0])
+    if m is None:
+        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            if line[:1] in (b" ", b"\t"):
+                raise httpx.RemoteProtocolError("obsolete line folding in the upstream's headers")
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value) is not None:
+            raise httpx.RemoteProtocolError(f"invalid character in header {name.decode()!r}")
+        headers.append((name, value))
+    return int(m.group(2)), m.group(3) or b"", headers, m.group(1) == b"1"
+
+
+def _framing(
+    method: bytes, status: int, headers: list[tuple[bytes, bytes]], http11: bool
+) -> tuple[str, int, bool]:
+    """(framing, content length, connection reusable) by RFC 9112 section 6.3."""
+    te: list[bytes] = []
+    lengths: set[bytes] = set()
+    conn_tokens: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            te += [t.strip().lower() for t in value.split(b",") if t.strip()]
+        elif lname == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+        elif lname == b"connection":
+            conn_tokens += [t.strip().lower() for t in value.split(b",")]
+    reusable = (b"keep-alive" in conn_tokens) if not http11 else (b"close" not in conn_tokens)
+    if method == b"HEAD" or status in (204, 304):
+        return "none", 0, reusable
+    if te:
+        if te[-1] == b"chunked":
+            return "chunked", 0, reusable and not lengths
+        return "close", 0, False
+    if lengths:
+        if len(lengths) != 1:
+            raise httpx.RemoteProtocolError("conflicting Content-Length values from upstream")
+        (value,) = lengths
+        if not value.isdigit() or len(value) > 18:
+            raise httpx.RemoteProtocolError(f"malformed Content-Length {value[:40]!r}")
+        return "length", int(value), reusable
+    return "close", 0, False
+
+
+class FastTransport(httpx.AsyncBaseTransport):
+    """See the module docstring. ``fallback`` serves every scheme but ``http``."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        max_keepalive: int = 20,
+        keepalive_expiry: float = 30.0,
+        fallback: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._max_connections = max_connections
+        self._max_keepalive = max_keepalive
+        self._keepalive_expiry = keepalive_expiry
+        self._fallback = fallback
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle_order: deque[_Conn] = deque()  # oldest first; may hold stale entries
+        self._n_idle = 0
+        self._n_conns = 0  # open connections, idle or busy
+        self._freed = trio.Event()
+        self._closed = False
+
+    # -- pool -----------------------------------------------------------------------------
+
+    def _take_idle(self, key: tuple[str, int]) -> _Conn | None:
+        conns = self._idle.get(key)
+        now = time.monotonic()
+        while conns:
+            conn = conns.pop()
+            self._n_idle -= 1
+            if now - conn.idle_since > self._keepalive_expiry or conn.stale():
+                self._drop(conn)
+                continue
+            return conn
+        return None
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.close()
+        self._n_conns -= 1
+        self._freed.set()
+
+    def _evict_one_idle(self) -> bool:
+        while self._idle_order:
+            conn = self._idle_order.popleft()
+            conns = self._idle.get(conn.key)
+            if conns and conn in conns:
+                conns.remove(conn)
+                self._n_idle -= 1
+                self._drop(conn)
+                return True
+        return False
+
+    def _release(self, conn: _Conn, reusable: bool) -> None:
+        if (
+            not reusable or self._closed or self._n_idle >= self._max_keepalive
+            or conn.sock.fileno() < 0
+        ):
+            self._drop(conn)
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._idle_order.append(conn)
+        if len(self._idle_order) > 4 * max(self._max_keepalive, 16):
+            live = {id(c) for cs in self._idle.values() for c in cs}
+            self._idle_order = deque(c for c in self._idle_order if id(c) in live)
+        self._n_idle += 1
+        self._freed.set()
+
+    async def _acquire(self, key: tuple[str, int], timeouts: dict[str, Any]) -> _Conn:
+        conn = self._take_idle(key)
+        if conn is not None:
+            return conn
+        pool_deadline = _deadline(timeouts.get("pool"))
+        while self._n_conns >= self._max_connections:
+            if self._evict_one_idle():
+                break
+            if self._freed.is_set():
+                self._freed = trio.Event()
+            try:
+                with trio.fail_at(pool_deadline):
+                    await self._freed.wait()
+            except trio.TooSlowError:
+                raise httpx.PoolTimeout("upstream connection pool exhausted") from None
+            conn = self._take_idle(key)
+            if conn is not None:
+                return conn
+        self._n_conns += 1
+        try:
+            return await self._connect(key, timeouts.get("connect"))
+        except BaseException:
+            self._n_conns -= 1
+            self._freed.set()
+            raise
+
+    async def _connect(self, key: tuple[str, int], timeout: Any) -> _Conn:
+        host, port = key
+        try:
+            with trio.fail_at(_deadline(timeout)):
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                last: OSError | None = None
+                for family, type_, proto, _, addr in infos:
+                    sock = socket.socket(family, type_, proto)
+                    try:
+                        sock.setblocking(False)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        err = sock.connect_ex(addr)
+                        if err in (errno.EINPROGRESS, errno.EAGAIN):
+                            await trio.lowlevel.wait_writable(sock)
+                            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, f"connect to {addr}: {errno.errorcode.get(err)}")
+                    except OSError as exc:
+                        sock.close()
+                        last = exc
+                        continue
+                    except BaseException:
+                        trio.lowlevel.notify_closing(sock)
+                        sock.close()
+                        raise
+                    return _Conn(sock, key)
+                raise last or OSError(f"no address for {host!r}")
+        except trio.TooSlowError:
+            raise httpx.ConnectTimeout(f"connect to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme != "http":
+            if self._fallback is None:
+                raise httpx.UnsupportedProtocol(f"{url.scheme!r} URLs need a fallback transport")
+            return await self._fallback.handle_async_request(request)
+        if self._closed:
+            raise httpx.TransportError("transport closed")
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        method = request.method.encode("ascii")
+        head = [method, b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        for name, value in request.headers.raw:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        body = await request.aread()
+        key = (url.host, url.port or 80)
+        conn = await self._acquire(key, timeouts)
+        try:
+            await conn.send_all(b"".join(head) + body, _deadline(timeouts.get("write")))
+            read_deadline = _deadline(timeouts.get("read"))
+            buf = b""
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise httpx.RemoteProtocolError("upstream response head too large")
+                    data = await conn.recv(read_deadline)
+                    if not data:
+                        raise httpx.RemoteProtocolError(
+                            "upstream closed the connection without sending a response")
+                    buf += data
+                    continue
+                status, reason, headers, http11 = _parse_head(buf[:end])
+                buf = buf[end + 4 :]
+                if 100 <= status < 200:
+                    if status == 101:
+                        raise httpx.RemoteProtocolError("unexpected 101 Switching Protocols")
+                    continue  # an informational response: the real one follows
+                break
+            framing, length, reusable = _framing(method, status, headers, http11)
+        except BaseException:
+            self._drop(conn)
+            raise
+        if framing == "none" and buf:
+            reusable = False  # bytes after a bodiless response: do not reuse
+        stream = _Body(self, conn, buf, framing, length, reusable, timeouts.get("read"))
+        return httpx.Response(
+            status, headers=headers, stream=stream,
+            extensions={"http_version": b"HTTP/1.1" if http11 else b"HTTP/1.0",
+                        "reason_phrase": reason},
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                self._drop(conn)
+        self._idle.clear()
+        self._idle_order.clear()
+        self._n_idle = 0
+        if self._fallback is not None:
+            await self._fallback.aclose()

@@ -570,3 +570,47 @@ def test_property_chunking_never_matters_with_small_caps(
     caps = {"max_line_bytes": 8, "max_event_bytes": 16}
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
     assert run(split_at(stream, cuts), **caps) == run([stream], **caps)
+
+
+# --- count mode (the proxy's hot path) ---------------------------------------------------------
+
+
+def _count_vs_feed(chunks: list[bytes], **caps: int) -> None:
+    """``count`` over ``chunks`` reports exactly what ``feed`` over the same chunks returns."""
+    fed = SSEParser(**caps)
+    counted = SSEParser(**caps)
+    for chunk in chunks:
+        items = fed.feed(chunk)
+        n = counted.count(chunk)
+        assert n == sum(1 for i in items if isinstance(i, Event))
+        assert counted.events == fed.events
+        assert counted.last_id == fed.last_id
+        assert counted.overflowed == fed.overflowed
+        assert counted.boundary == fed.boundary
+        assert counted.buffered <= fed.buffered
+        if items:
+            assert fed.boundary == items[-1].end
+        events = [i for i in items if isinstance(i, Event)]
+        if events:
+            assert counted.dispatched_id == events[-1].id
+
+
+@settings(max_examples=400, deadline=None)
+@given(stream=_STREAM, data=st.data(), small=st.booleans())
+def test_property_count_mode_equals_feed(stream: bytes, data: st.DataObject,
+                                          small: bool) -> None:
+    caps = {"max_line_bytes": 8, "max_event_bytes": 16} if small else {}
+    if data.draw(st.booleans(), label="one_byte_feeds"):
+        chunks = [bytes([b]) for b in stream]
+    else:
+        cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
+        chunks = split_at(stream, cuts)
+    _count_vs_feed(chunks, **caps)
+
+
+def test_count_mode_random_chunkings() -> None:
+    rng = random.Random(20261201)
+    for _ in range(300):
+        s = _random_stream(rng)
+        _count_vs_feed(_random_chunks(rng, s))
+        _count_vs_feed(_random_chunks(rng, s), max_line_bytes=6, max_event_bytes=12)

@@ -97,6 +97,8 @@ class SSEParser:
         "_overflowed",
         "_retry",
         "_skip_lf",
+        "boundary",
+        "dispatched_id",
         "events",
         "last_id",
     )
@@ -121,6 +123,11 @@ class SSEParser:
         self.events = 0
         #: The last-event-id buffer: updated as soon as a valid ``id`` line is parsed.
         self.last_id: str | None = None
+        #: The last-event-id of the last dispatched event (its ``Event.id``).
+        self.dispatched_id: str | None = None
+        #: Stream offset just after the last dispatched event or comment (the ``end`` of the
+        #: last item :meth:`feed` returned); 0 before any.
+        self.boundary = 0
 
     @property
     def overflowed(self) -> bool:
@@ -139,17 +146,39 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[Event | Comment]:
         """Consume ``data``; return the events and comments it completed, in stream order."""
+        prepared = self._prepare(data)
+        if prepared is None:
+            return []
+        return self._parse(*prepared)
+
+    def count(self, data: bytes) -> int:
+        """Consume ``data`` like :meth:`feed`, but build nothing: only ``events``,
+        ``last_id``, ``dispatched_id`` and ``boundary`` move (and the caps apply exactly as in
+        :meth:`feed`). Returns the number of events ``data`` completed.
+
+        The hot path of the proxy, which needs the count and the resume point but not the
+        events themselves. Use one mode per parser: ``count`` keeps no data values, so a
+        ``feed`` after a ``count`` would dispatch the block in progress without them.
+        """
+        prepared = self._prepare(data)
+        if prepared is None:
+            return 0
+        return self._count(*prepared)
+
+    def _prepare(self, data: bytes) -> tuple[bytes, int] | None:
+        """BOM, a LF after a CR, and the held-back partial line: (bytes starting with a fresh
+        line, their stream offset), or None when nothing is left to parse."""
         if self._closed:
             raise RuntimeError("SSEParser.feed() called after close()")
         start = self._offset  # stream offset of data[0]
         self._offset = start + len(data)
         if self._overflowed or not data:
-            return []
+            return None
         buf = self._buf
         if self._bom_pending:
             buf += data
             if len(buf) < 3 and _BOM.startswith(buf):
-                return []  # still maybe a BOM; a BOM prefix holds no line end
+                return None  # still maybe a BOM; a BOM prefix holds no line end
             self._bom_pending = False
             data = bytes(buf)
             buf.clear()
@@ -158,24 +187,24 @@ class SSEParser:
                 data = data[3:]
                 start = 3
                 if not data:
-                    return []
+                    return None
         elif self._skip_lf:
             self._skip_lf = False
             if data[0] == _LF:
                 data = data[1:]
                 start += 1
                 if not data:
-                    return []
+                    return None
         if buf:
             if b"\n" not in data and b"\r" not in data:
                 buf += data
                 if len(buf) > self._max_line:
                     self._overflow()
-                return []
+                return None
             data = bytes(buf) + data
             start = self._buf_start
             buf.clear()
-        return self._parse(data, start)
+        return data, start
 
     def close(self) -> list[Event | Comment]:
         """Mark EOF. An incomplete line and an undispatched event are discarded (per spec)."""
@@ -191,34 +220,115 @@ class SSEParser:
         self._data = []
         self._data_bytes = 0
 
+    def _lines(self, chunk: bytes, pos: int) -> tuple[list[bytes], list[int] | None, bytes]:
+        """Split ``chunk`` into complete lines (without their ends), the stream offset just
+        after each line's end (None when every line ends in one LF: then the offsets follow
+        from the lengths), and the incomplete last line."""
+        if b"\r" not in chunk:
+            contents = chunk.split(b"\n")
+            return contents, None, contents.pop()
+        lines = chunk.splitlines(True)
+        last = lines[-1][-1]
+        if last == _CR:
+            self._skip_lf = True
+            tail = b""
+        elif last == _LF:
+            tail = b""
+        else:
+            tail = lines.pop()
+        contents = []
+        ends = []
+        for line in lines:
+            pos += len(line)
+            if line[-1] == _LF and len(line) > 1 and line[-2] == _CR:
+                contents.append(line[:-2])
+                ends.append(pos - 1)  # just after the CR: see the module docstring
+            else:
+                contents.append(line[:-1])
+                ends.append(pos)
+        return contents, ends, tail
+
+    def _keep_tail(self, tail: bytes) -> None:
+        if tail:
+            if len(tail) > self._max_line:
+                self._overflow()
+            else:
+                self._buf += tail
+                self._buf_start = self._offset - len(tail)
+
+    def _count(self, chunk: bytes, pos: int) -> int:
+        """:meth:`_parse`'s rules, counting instead of building (see :meth:`count`)."""
+        contents, ends, tail = self._lines(chunk, pos)
+        max_line = self._max_line
+        max_event = self._max_event
+        has_data = bool(self._data)
+        data_bytes = self._data_bytes
+        last_id = self.last_id
+        dispatched_id = self.dispatched_id
+        events = 0
+        mark = -1  # index of the last line that ended an event or was a comment
+        i = -1
+        overflow = False
+        for line in contents:
+            i += 1
+            if not line:
+                if has_data:
+                    events += 1
+                    dispatched_id = last_id
+                    mark = i
+                    has_data = False
+                    data_bytes = 0
+                continue
+            if len(line) > max_line:
+                overflow = True
+                break
+            if line.startswith(b"data:"):
+                data_bytes += len(line) - (5 if line[5:6] == b" " else 4)
+            else:
+                colon = line.find(b":")
+                if colon == 0:
+                    mark = i
+                    continue
+                if colon < 0:
+                    name = line
+                    value = b""
+                else:
+                    name = line[:colon]
+                    colon += 1
+                    if line[colon : colon + 1] == b" ":
+                        colon += 1
+                    value = line[colon:]
+                if name == b"id":
+                    if b"\x00" not in value:
+                        last_id = value.decode("utf-8", "replace")
+                    continue
+                if name != b"data":
+                    continue  # event, retry and unknown fields do not matter here
+                data_bytes += len(value) + 1
+            has_data = True
+            if data_bytes > max_event:
+                overflow = True
+                break
+        self.events += events
+        self.last_id = last_id
+        self.dispatched_id = dispatched_id
+        if mark >= 0:
+            if ends is None:
+                self.boundary = pos + sum(map(len, contents[: mark + 1])) + mark + 1
+            else:
+                self.boundary = ends[mark]
+        if overflow:
+            self._overflow()
+            return events
+        # The block in progress: count mode keeps no values, only that there is data.
+        self._data = [b""] if has_data else []
+        self._data_bytes = data_bytes
+        self._keep_tail(tail)
+        return events
+
     def _parse(self, chunk: bytes, pos: int) -> list[Event | Comment]:
         """Parse ``chunk`` (which starts at stream offset ``pos`` with a fresh line)."""
-        ends: list[int] | None
-        if b"\r" in chunk:
-            lines = chunk.splitlines(True)
-            last = lines[-1][-1]
-            if last == _CR:
-                self._skip_lf = True
-                tail = b""
-            elif last == _LF:
-                tail = b""
-            else:
-                tail = lines.pop()
-            contents: list[bytes] = []
-            ends = []
-            for line in lines:
-                pos += len(line)
-                if line[-1] == _LF and len(line) > 1 and line[-2] == _CR:
-                    contents.append(line[:-2])
-                    ends.append(pos - 1)  # just after the CR: see the module docstring
-                else:
-                    contents.append(line[:-1])
-                    ends.append(pos)
-        else:
-            contents = chunk.split(b"\n")
-            tail = contents.pop()
-            ends = None
-
+        contents, ends, tail = self._lines(chunk, pos)
         out: list[Event | Comment] = []
         max_line = self._max_line
         max_event = self._max_event
@@ -238,6 +348,7 @@ class SSEParser:
                 # Blank line: dispatch.
                 if data:
                     self.events += 1
+                    self.dispatched_id = self.last_id
                     out.append(
                         _new_event(
                             b"\n".join(data).decode("utf-8", "replace"),
@@ -254,7 +365,7 @@ class SSEParser:
                 continue
             if len(line) > max_line:
                 self._overflow()
-                return out
+                break
             if line.startswith(b"data:"):
                 value = line[6:] if line[5:6] == b" " else line[5:]
             else:
@@ -290,14 +401,12 @@ class SSEParser:
             data_bytes += len(value) + 1
             if data_bytes > max_event:
                 self._overflow()
-                return out
-        self._data_bytes = data_bytes
-        self._event_type = event_type
-        self._retry = retry
-        if tail:
-            if len(tail) > max_line:
-                self._overflow()
-            else:
-                self._buf += tail
-                self._buf_start = self._offset - len(tail)
+                break
+        else:
+            self._data_bytes = data_bytes
+            self._event_type = event_type
+            self._retry = retry
+            self._keep_tail(tail)
+        if out:
+            self.boundary = out[-1].end
         return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -30,7 +29,7 @@ from ._errors import KeepstreamError
 from ._journal import JournalWriter
 from ._record import Record, new_stream_id
 from ._rules import filter_response_headers
-from ._sse import Comment, Event, SSEParser
+from ._sse import SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
 
 Headers = list[tuple[bytes, bytes]]
@@ -39,6 +38,17 @@ log = logging.getLogger("keepstream")
 
 #: Most bytes one downstream ``send()`` carries when several chunks are waiting.
 MAX_SEND = 16 * 1024
+
+
+#: Most the idle deadline may fire after ``idle_timeout`` (see :func:`idle_slack`).
+MAX_IDLE_SLACK = 0.25
+
+
+def idle_slack(idle_timeout: float) -> float:
+    """How late an idle timeout may fire: ``min(MAX_IDLE_SLACK, idle_timeout / 8)``. The
+    stream re-arms its idle deadline only when it comes closer than ``idle_timeout``, pushing
+    it ``idle_timeout + slack`` ahead, so a busy stream updates it once per ``slack``."""
+    return min(MAX_IDLE_SLACK, idle_timeout / 8)
 
 
 class StreamRefused(KeepstreamError):
@@ -100,7 +110,11 @@ class LiveStream:
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
-        self.boundary = 0  # stream offset just after the last complete SSE event or comment
+
+    @property
+    def boundary(self) -> int:
+        """Stream offset just after the last complete SSE event or comment (0 if none)."""
+        return 0 if self.parser is None else self.parser.boundary
 
     # -- subscribers ----------------------------------------------------------------------
 
@@ -258,25 +272,32 @@ class LiveStream:
                         idle = route.idle_timeout
                         scope = self.scope
                         parser = self.parser
-                        scope.deadline = min(self._fixed_deadline, trio.current_time() + idle)
+                        # The idle deadline is re-armed only once it is less than ``idle``
+                        # away, and then ``slack`` further: it fires between idle and
+                        # idle + slack after the last chunk, never early, and costs one
+                        # deadline update per ``slack`` of traffic instead of one per chunk.
+                        slack = idle_slack(idle)
+                        armed = trio.current_time() + idle + slack
+                        scope.deadline = min(self._fixed_deadline, armed)
                         async for chunk in resp.aiter_raw():
                             if not chunk:
                                 continue
                             self._push(chunk)
                             writer.append(rec, chunk)
                             rec.bytes += len(chunk)
-                            if parser is not None and not parser.overflowed:
-                                items = parser.feed(chunk)
-                                if items:
-                                    self._count_events(items)
+                            if parser is not None and parser.count(chunk):
+                                rec.events = parser.events
+                                rec.last_event_id = parser.dispatched_id
                             if writer.over_backlog():
                                 # A slow journal is not an idle upstream: only the fixed
                                 # deadlines run while the stream waits for room.
                                 scope.deadline = self._fixed_deadline
                                 await writer.wait_room()
-                            scope.deadline = min(
-                                self._fixed_deadline, trio.current_time() + idle
-                            )
+                                armed = 0.0
+                            now = trio.current_time()
+                            if now + idle > armed:
+                                armed = now + idle + slack
+                                scope.deadline = min(self._fixed_deadline, armed)
                     self._causes.append(Ending.UPSTREAM_DONE)
             except httpx.PoolTimeout:
                 self._fail(Ending.UPSTREAM_FAILED, "upstream connection pool exhausted", 503)
@@ -326,14 +347,6 @@ class LiveStream:
         if self._reason is None:
             self._reason = reason
         self.error_status = http_status
-
-    def _count_events(self, items: Sequence[Event | Comment]) -> None:
-        rec = self.record
-        for item in items:
-            if type(item) is Event:
-                rec.events += 1
-                rec.last_event_id = item.id
-        self.boundary = items[-1].end
 
 
 class Supervisor:

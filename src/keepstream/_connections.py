@@ -37,11 +37,11 @@ class LeanTCPServer(TCPServer):
     cancel scope and calls ``SocketStream.send_all`` (another pass): profiled under keepstream's
     paced benchmark, about half of the downstream cost of each body ``send()``. When the lock
     is free, this writes the bytes straight to the socket with one non-blocking ``write()``
-    (synchronous, so as uncancellable as Hypercorn's shielded write) and then yields once. Whatever the
-    socket does not take at once (a slow or stalled reader), and every other event, goes
-    through Hypercorn's own path unchanged, still holding the lock, so writes stay ordered and
-    a stalled client is still ended by ``TCP_USER_TIMEOUT``. A proposed upstream change would do
-    the same inside ``TCPServer.protocol_send``.
+    (synchronous, so as uncancellable as Hypercorn's shielded write) and then yields once.
+    Whatever the socket does not take at once (a slow or stalled reader), and every other event,
+    goes through Hypercorn's own path unchanged, still holding the lock, so writes stay ordered
+    and a stalled client is still ended by ``TCP_USER_TIMEOUT``. The same change would fit
+    inside ``TCPServer.protocol_send`` upstream (``patches/hypercorn-lean-send.patch``).
     """
 
     async def protocol_send(self, event: Event) -> None:

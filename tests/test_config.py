@@ -83,3 +83,45 @@ def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         Config.from_toml(bad)
+
+
+def _doc_section(doc: str, heading: str) -> str:
+    part = doc[doc.index(heading):]
+    return part[: part.index("\n## ", len(heading))]
+
+
+@pytest.mark.parametrize(("cls", "heading"), [
+    (ServerConfig, "## `[server]`"), (JournalConfig, "## `[journal]`"), (Route, "## `[[routes]]`"),
+])
+def test_every_key_is_documented_with_its_default(cls: type, heading: str) -> None:
+    """docs/configuration.md has a row per key of ``_config.py``, with the code's default."""
+    import dataclasses
+    import re
+    import tomllib
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    section = _doc_section(doc, heading)
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", section, re.M))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(rows) == set(fields)
+    for name, f in fields.items():
+        cell = rows[name].strip()
+        if f.default is dataclasses.MISSING:
+            assert cell == "required", name
+            continue
+        literal = re.match(r"`([^`]*)`", cell)
+        assert literal is not None, (name, cell)
+        value = tomllib.loads(f"v = {literal.group(1)}")["v"]
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        assert value == default and type(value) is type(default), (name, value, f.default)
+
+
+def test_complete_example_in_the_docs_is_valid() -> None:
+    import re
+    import tomllib
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    example = re.search(r"## Complete example\n.*?```toml\n(.*?)```", doc, re.S)
+    assert example is not None
+    cfg = Config.from_mapping(tomllib.loads(example.group(1)))
+    assert len(cfg.routes) == 2

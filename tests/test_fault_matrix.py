@@ -348,6 +348,9 @@ async def test_row9_huge_line_still_forwarded_and_journaled(
             sid = _sid(res)
             rec = await _j(ks, sid, expected)
             assert rec["status"] == "completed" and rec["bytes"] == len(expected)
+            # The oversized line stops parsing (no event counted past it), not forwarding or
+            # journaling (both checked above).
+            assert rec["events"] == spec.events, rec
             assert ks.proxy.supervisor.live == {}
 
 

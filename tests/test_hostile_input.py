@@ -26,7 +26,6 @@ model. Test rules: loopback only, port 0, every network wait bounded.
 from __future__ import annotations
 
 import dataclasses
-import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -48,9 +47,10 @@ from keepstream.testing import (
     RunningKeepstream,
     chaos_request,
     run_keepstream,
+    run_keepstream_process,
 )
 
-from .test_lifecycle import Server, start_serve, write_config
+from .test_lifecycle import Server, write_config
 
 #: A request pipelined behind every refused vector: it must never be served.
 FOLLOW = b"GET /pipelined HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -764,19 +764,11 @@ async def test_row16_h2c_upgrade_obeys_the_same_rules(
 @asynccontextmanager
 async def serving(tmp_path: Path, upstream: FakeUpstream, extra_server: str = ""
                   ) -> AsyncIterator[Server]:
-    """``keepstream serve`` as a subprocess; SIGTERM and reaped at the end."""
+    """``keepstream serve`` as a subprocess (the toolkit's harness); SIGTERM, then SIGKILL after
+    10 s, and reaped at the end."""
     config, _ = write_config(tmp_path, upstream.url, extra_server=extra_server)
-    server = await start_serve(config)
-    try:
+    async with run_keepstream_process(config, workdir=tmp_path, stop_timeout=10) as server:
         yield server
-    finally:
-        if server.proc.returncode is None:
-            server.proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await server.proc.wait()
-            if server.proc.returncode is None:
-                server.proc.kill()
-                await server.proc.wait()
 
 
 WEBSOCKET_THEN_BYTES = req(

@@ -14,13 +14,16 @@ tests pin down exactly what docs/operations.md says about it:
   ``drain_delay + drain_timeout`` and are then ``interrupted`` (I1, I2 hold);
 * the process exits 0 after about ``graceful_timeout + drain_delay + drain_timeout``.
 
-Also: two instances on one journal (``hypercorn --workers N`` runs start-up recovery in every
-worker) must never orphan each other's live records (I5).
+The SIGTERM scenario runs with N in {1, 10, 100} at a seeded random moment, and once with a
+second SIGTERM (no effect). Also: two instances on one journal (``hypercorn --workers N`` runs
+start-up recovery in every worker) must never orphan each other's live records (I5), and a worker
+SIGKILLed at a random moment has its open records orphaned by the next start (I5, row 11).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from keepstream.testing import ChaosResult, FakeResponseSpec, FakeUpstream, chaos_request
@@ -125,11 +129,15 @@ async def test_hypercorn_entry_proxies_and_journals_byte_exact(
         backend.close()
 
 
+@pytest.mark.parametrize(("n", "second_signal"),
+                         [(1, False), (10, False), (100, False), (10, True)])
 async def test_hypercorn_sigterm_during_live_streams(
-    fake_upstream: FakeUpstream, tmp_path: Path
+    fake_upstream: FakeUpstream, tmp_path: Path, n: int, second_signal: bool
 ) -> None:
-    """N streams (half end in ~1 s, half last 20 s); SIGTERM 0.3 s after they all started."""
-    n = 10
+    """Row 10 under the Hypercorn CLI: N streams (half end in ~1 s, half last 20 s); SIGTERM at
+    a seeded U(0, 5 s) after they all started. ``second_signal``: another SIGTERM 0.5 s after
+    the first, which docs/operations.md says changes nothing (same outcome, same exit time)."""
+    delay = random.Random(f"hc-row10-{n}-{second_signal}").uniform(0.0, 5.0)
     toml, db = write_config(tmp_path, fake_upstream.url, drain_timeout=DRAIN_TIMEOUT,
                             persist_timeout=PERSIST_TIMEOUT, stop_grace=STOP_GRACE)
     hc = await start_hypercorn(toml)
@@ -158,10 +166,13 @@ async def test_hypercorn_sigterm_during_live_streams(
             await fake_upstream.wait_exchanges(n)
             while any(ex.headers_sent_at is None for ex in fake_upstream.exchanges[:n]):
                 await trio.sleep(0.005)
-            await trio.sleep(0.3)
+            await trio.sleep(delay)
             signal_at = trio.current_time()
             hc.proc.send_signal(signal.SIGTERM)
             nursery.start_soon(kill_at_stop_grace)
+            if second_signal:
+                await trio.sleep(0.5 - 3 * HYPERCORN_POLL)
+                hc.proc.send_signal(signal.SIGTERM)
             # Once the worker has seen the flag, a new connection is never answered: the
             # parent still holds the listening socket, nobody accepts from it.
             await trio.sleep(3 * HYPERCORN_POLL)
@@ -213,7 +224,8 @@ async def test_hypercorn_sigterm_during_live_streams(
     assert min(ran_on) > 0
     budget = GRACEFUL_TIMEOUT + DRAIN_TIMEOUT
     assert budget <= exit_after <= budget + PERSIST_TIMEOUT + 0.5 + HYPERCORN_POLL, exit_after
-    print(f"\nhypercorn CLI: SIGTERM -> clients of long streams cut at "
+    print(f"\nhypercorn CLI, N={n}{', second SIGTERM at +0.5 s' if second_signal else ''}: "
+          f"SIGTERM at +{delay:.3f} s -> clients of long streams cut at "
           f"{min(cut_at):.3f}-{max(cut_at):.3f} s (graceful_timeout {GRACEFUL_TIMEOUT:g}); "
           f"journal ran on {min(ran_on)}-{max(ran_on)} B past the client; "
           f"exit 0 after {exit_after:.3f} s (graceful {GRACEFUL_TIMEOUT:g} + drain "
@@ -311,3 +323,82 @@ async def test_hypercorn_stalled_clients_still_exit_and_persist(
           f"statuses {statuses}")
     assert exited and hc.proc.returncode == 0
     assert len(statuses) == 2 and set(statuses) <= {"completed", "interrupted"}
+
+
+async def test_hypercorn_worker_sigkill_then_restart_orphans_its_records(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Row 11 (I5) under the Hypercorn CLI: the worker that holds the streams is SIGKILLed at a
+    random moment (no cleanup at all; Hypercorn's parent reaps it and exits non-zero), then the
+    same command starts again on the same journal. Its lifespan recovery must turn every record
+    the dead worker left ``open`` into ``orphaned`` before it serves: 0 integrity errors, J for
+    every record, the finished one still ``completed``. ``KEEPSTREAM_HC_ROW11_CYCLES`` cycles
+    (default 5)."""
+    cycles = int(os.environ.get("KEEPSTREAM_HC_ROW11_CYCLES", "5"))
+    rng = random.Random("hc-row11")
+    toml, db = write_config(tmp_path, fake_upstream.url, drain_timeout=DRAIN_TIMEOUT)
+    paced = FakeResponseSpec(events=300, event_size=1000, interval=0.01, style="plain")
+    quick = FakeResponseSpec(events=5, style="plain")
+    orphaned = 0
+    codes: list[int] = []
+    hc = await start_hypercorn(toml, name="hc0")
+    try:
+        with trio.fail_after(30 + 10 * cycles):
+            for cycle in range(cycles):
+                paths = {f"/k{cycle}/s{i}": paced for i in range(3)}
+                paths[f"/k{cycle}/quick"] = quick
+                first = len(fake_upstream.exchanges)
+                async with trio.open_nursery() as nursery:
+                    for path, spec in paths.items():
+                        nursery.start_soon(partial(chaos_request, hc.port, "GET", path,
+                                                   headers=spec.headers(), timeout=10))
+                    await fake_upstream.wait_exchanges(first + len(paths))
+                    while any(ex.headers_sent_at is None
+                              for ex in fake_upstream.exchanges[first:]):
+                        await trio.sleep(0.002)
+                    await trio.sleep(rng.uniform(0.1, 0.8))
+                    backend = open_journal(db)
+                    try:
+                        (owner,) = {r["instance"] for r in backend.list_records(None, 10_000)
+                                    if r["status"] == "open"}
+                    finally:
+                        backend.close()
+                    os.kill(int(owner.split("/")[1]), signal.SIGKILL)  # the worker
+                    # Its parent reaps it and gives up (Hypercorn 0.18 then exits 0, not an
+                    # error status: its _join_exited runs twice and the second returns 0).
+                    codes.append(await hc.proc.wait())
+                hc = await start_hypercorn(toml, name=f"hc{cycle + 1}")  # recovery has run
+                backend = open_journal(db)
+                try:
+                    assert backend.integrity_check() == []
+                    rows = [r for r in backend.list_records(None, 10_000)
+                            if r["path"] in paths]
+                    assert len(rows) == len(paths)
+                    check_journal_against_upstream(backend, fake_upstream, rows)
+                finally:
+                    backend.close()
+                for row in rows:
+                    if row["path"].endswith("/quick"):
+                        assert row["status"] == "completed", row
+                    else:
+                        assert row["status"] == "orphaned", row
+                        assert row["reason"] == "found open at start-up"
+                        assert row["instance"] == owner
+                        orphaned += 1
+            hc.proc.send_signal(signal.SIGTERM)
+            assert await hc.proc.wait() == 0, hc.stderr()
+    finally:
+        if hc.proc.returncode is None:
+            hc.proc.kill()
+            with trio.CancelScope(shield=True):
+                await hc.proc.wait()
+    backend = open_journal(db)
+    try:
+        assert backend.integrity_check() == []
+        statuses = [r["status"] for r in backend.list_records(None, 10_000)]
+    finally:
+        backend.close()
+    assert len(statuses) == 4 * cycles and set(statuses) <= {"completed", "orphaned"}
+    print(f"\nhypercorn CLI row 11: {cycles} worker SIGKILLs and restarts, {orphaned} records "
+          f"orphaned at restart, {len(statuses)} records, 0 integrity errors; Hypercorn's exit "
+          f"status after its worker was killed: {sorted(set(codes))}")

@@ -18,9 +18,14 @@ from functools import partial
 import pytest
 import trio
 
-from keepstream.testing._client import chaos_request
-from keepstream.testing._faultproxy import FaultProxy, run_fault_proxy
-from keepstream.testing._upstream import FakeResponseSpec, FakeUpstream, run_fake_upstream
+from keepstream.testing import (
+    FakeResponseSpec,
+    FakeUpstream,
+    FaultProxy,
+    chaos_request,
+    run_fake_upstream,
+    run_fault_proxy,
+)
 
 
 @dataclass
@@ -279,6 +284,65 @@ async def test_slow_close_delays_the_close(proxy: FaultProxy, pair: Pair) -> Non
         assert await pair.client.receive_some(10) == b""
         elapsed = trio.current_time() - start
     assert 0.3 <= elapsed < 0.7
+
+
+async def test_upstream_slicer_makes_every_read_at_the_target_one_byte(
+    proxy: FaultProxy, pair: Pair
+) -> None:
+    proxy.add_toxic("slicer", stream="upstream", average_size=1, size_variation=0, delay=20_000)
+    data = b"POST / HTTP/1.1\r\n"
+    reads: list[bytes] = []
+    with trio.fail_after(5):
+        await pair.client.send_all(data)
+        while len(b"".join(reads)) < len(data):
+            reads.append(await pair.server.receive_some(65536))
+    assert reads == [bytes([b]) for b in data]
+
+
+async def test_upstream_bandwidth_limits_the_rate_to_the_target(
+    proxy: FaultProxy, pair: Pair
+) -> None:
+    proxy.add_toxic("bandwidth", stream="upstream", rate=100)  # 100 KB/s
+    data = os.urandom(40_000)  # 0.4 s at that rate
+    with trio.fail_after(5):
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.client.send_all, data)
+            received = await read_exact(pair.server, len(data))
+        elapsed = trio.current_time() - start
+        start = trio.current_time()
+        await pair.server.send_all(b"down is not limited")
+        assert await read_exact(pair.client, 19) == b"down is not limited"
+        assert trio.current_time() - start < 0.1
+    assert received == data
+    assert 0.35 <= elapsed < 1.0
+
+
+async def test_upstream_slow_close_delays_the_clients_eof(proxy: FaultProxy, pair: Pair) -> None:
+    proxy.add_toxic("slow_close", stream="upstream", delay=300)
+    with trio.fail_after(5):
+        await pair.client.send_all(b"last words")
+        start = trio.current_time()
+        await pair.client.send_eof()
+        assert await read_exact(pair.server, 10) == b"last words"
+        assert trio.current_time() - start < 0.1  # the data is not delayed
+        assert await pair.server.receive_some(10) == b""
+        elapsed = trio.current_time() - start
+    assert 0.3 <= elapsed < 0.7
+
+
+async def test_upstream_timeout_drops_the_requests_bytes_then_closes(
+    proxy: FaultProxy, pair: Pair
+) -> None:
+    with trio.fail_after(5):
+        start = trio.current_time()
+        proxy.add_toxic("timeout", stream="upstream", timeout=200)
+        await pair.client.send_all(b"dropped")
+        received, _ = await read_to_end(pair.server)
+        elapsed = trio.current_time() - start
+    assert received == b""
+    assert 0.2 <= elapsed < 0.6
+    assert proxy.open_connections() == 0
 
 
 async def test_close_without_toxic_is_prompt(pair: Pair) -> None:

@@ -4,7 +4,8 @@ In a fresh virtual environment: keepstream is installed from a copy of this chec
 ``pip install keepstream`` installs, built the same way), then ``pytest`` and ``pytest-trio``
 on their own. ``examples/test_my_service.py`` is copied into an empty directory, with no
 configuration next to it, and run there: the plugin must load through its ``pytest11`` entry
-point and the example, which uses only the public fixtures, must pass.
+point and the example, which uses only the public fixtures, must pass; and again with plugin
+auto-loading disabled and the plugins named explicitly (``-p trio -p keepstream``).
 
 This needs the package index (as installing keepstream does); it is not skipped offline.
 """
@@ -24,11 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "test_my_service.py"
 
 
-async def _run(*argv: str | Path, cwd: Path, timeout: float) -> str:
-    """Run a command with a clean environment; return its output, fail with it on error."""
+async def _run(*argv: str | Path, cwd: Path, timeout: float,
+               extra_env: dict[str, str] | None = None) -> str:
+    """Run a command with a clean environment (plus ``extra_env``); return its output, fail
+    with it on error."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
                         "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")}
+    env.update(extra_env or {})
     with trio.fail_after(timeout):
         proc = await trio.run_process(
             [str(a) for a in argv], cwd=cwd, env=env, check=False,
@@ -78,3 +82,11 @@ async def test_pip_install_then_the_example_passes_in_a_fresh_venv(tmp_path: Pat
     # Exit status 0: nothing failed or errored. And every test ran: none skipped or deselected.
     summary = out.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in [\d.]+s( \(.*\))?", summary), out
+
+    # Explicit use, with plugin auto-loading off (as some CI setups run pytest): the plugins are
+    # named with -p by their entry-point names, and the same tests pass.
+    explicit = await _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "trio",
+                          "-p", "keepstream", EXAMPLE.name, cwd=work, timeout=300,
+                          extra_env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert explicit.strip().splitlines()[-1].split(" in ")[0] == summary.split(" in ")[0], \
+        explicit

@@ -8,9 +8,11 @@
 * :func:`run_keepstream_process` / :func:`start_keepstream_process`: ``keepstream serve`` as a
   subprocess on a loopback port, to send it real signals (:class:`KeepstreamProcess`).
 
-The pytest plugin (``pytest -p keepstream.testing``, auto-loaded when keepstream is installed)
-exposes these as fixtures: ``fake_upstream``, ``fault_proxy_factory``, ``keepstream_factory``,
-``keepstream_process_factory``.
+The pytest plugin (auto-loaded when keepstream is installed, through the ``pytest11`` entry
+point named ``keepstream``; with auto-loading disabled, ``pytest -p trio -p keepstream``) exposes
+these as fixtures: ``fake_upstream``, ``fault_proxy_factory``, ``keepstream_factory``,
+``keepstream_process_factory``, ``keepstream_journal_url``. ``-p keepstream.testing`` names this
+module, which holds no fixtures: it loads nothing more.
 """
 
 from ._client import ChaosResult, chaos_request

@@ -37,12 +37,19 @@ class LeanTCPServer(TCPServer):
     cancel scope and calls ``SocketStream.send_all`` (another pass): profiled under keepstream's
     paced benchmark, about half of the downstream cost of each body ``send()``. When the lock
     is free, this writes the bytes straight to the socket with one non-blocking ``write()``
-    (synchronous, so as uncancellable as Hypercorn's shielded write) and then yields once.
+    (synchronous, so as uncancellable as Hypercorn's shielded write); only Hypercorn's own
+    sends then yield once.
     Whatever the socket does not take at once (a slow or stalled reader), and every other event,
     goes through Hypercorn's own path unchanged, still holding the lock, so writes stay ordered
     and a stalled client is still ended by ``TCP_USER_TIMEOUT``. The same change would fit
     inside ``TCPServer.protocol_send`` upstream (``patches/hypercorn-lean-send.patch``).
     """
+
+    _reader: trio.lowlevel.Task | None = None
+
+    async def run(self) -> None:
+        self._reader = trio.lowlevel.current_task()  # reads the socket, runs Hypercorn's protocol
+        await super().run()
 
     async def protocol_send(self, event: Event) -> None:
         if type(event) is not RawData or self.send_lock.locked():
@@ -63,10 +70,12 @@ class LeanTCPServer(TCPServer):
             return
         if sent < len(data):
             await super().protocol_send(RawData(data=data[sent:]))
-        else:
-            # Still one scheduler pass, as Hypercorn's own send makes: its protocol code
-            # relies on other tasks running inside a send (an app's concurrent send, the
-            # connection's close after an error response).
+        elif trio.lowlevel.current_task() is self._reader:
+            # Hypercorn's own sends (error responses, from the connection's reading task) keep
+            # their scheduler pass: its protocol code relies on the app's task running inside
+            # such a send (without it a refused WebSocket handshake left its connection open).
+            # An app's send returns at once; the app yields soon enough (keepstream's relay
+            # waits for the next chunk).
             await trio.lowlevel.cancel_shielded_checkpoint()
 
 

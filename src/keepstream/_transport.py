@@ -69,18 +69,20 @@ _HEXDIGITS = b"0123456789abcdefABCDEF"
 class _Conn:
     """One upstream connection: a non-blocking stdlib socket driven with trio's I/O waits."""
 
-    __slots__ = ("idle_since", "key", "sock")
+    __slots__ = ("drained", "idle_since", "key", "sock")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
         self.key = key
         self.idle_since = 0.0
+        self.drained = False  # the last read took less than READ_SIZE
 
     def _read(self) -> bytes:
         # Into one shared buffer, then copied out at its exact size: ``recv(n)`` would
         # allocate n bytes per read and shrink them, which fragments the heap when many
         # streams keep their reads alive in live buffers.
         n = self.sock.recv_into(_READ_BUF)
+        self.drained = n < READ_SIZE
         return _READ_VIEW[:n].tobytes()
 
     def close(self) -> None:
@@ -120,16 +122,20 @@ class _Conn:
         ``Cancelled`` if cancelled, and yields to the scheduler once, in the I/O wait or after
         a read that did not have to wait."""
         sock = self.sock
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = self._read()
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise httpx.ReadError(f"upstream read failed: {exc}") from exc
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if not self.drained:
+            # The last read filled the buffer: more is likely waiting, read before waiting.
+            # After a short read the socket is most likely empty: wait first, which saves a
+            # read that would fail with EAGAIN (one system call per event in a paced stream).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = self._read()
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise httpx.ReadError(f"upstream read failed: {exc}") from exc
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         while True:
             if deadline == _INF:
                 await trio.lowlevel.wait_readable(sock)

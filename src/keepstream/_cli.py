@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -220,7 +221,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise leaves.exceptions[0] from group
         raise
     print("keepstream: drained, exiting", file=sys.stderr, flush=True)
-    return 0
+    # Every record is persisted and the journal closed: skip the interpreter's teardown of a
+    # large heap (0.4 s with 1,000 streams just drained), which counts against the platform's
+    # stop grace. Only here, in the process ``keepstream serve`` owns.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,8 @@ The contracts:
 
 * ``SSEParser``: any bytes in any chunking give the same events, ``last_id``, count, overflow
   state and offset as one feed; nothing raises; what it buffers stays under
-  ``max_line_bytes + max_event_bytes``.
+  ``max_line_bytes + max_event_bytes``. ``count()`` (the proxy's hot path) over the same
+  chunks reports what ``feed()`` does after every chunk (``check_sse_count``).
 * ``normalize_path`` + ``match_route`` + ``build_upstream_url``: only ``RequestRejected``
   (400; 502 for a bad upstream); a URL that comes out has exactly the upstream's scheme and
   authority, starts with its base path, has no fragment, and its path passes ``normalize_path``;
@@ -92,6 +93,24 @@ def check_sse(data: bytes, cuts: Sequence[int], max_line: int = 1 << 20,
     ends = [item.end for item in items]
     assert ends == sorted(ends) and all(0 < e <= len(data) for e in ends)
     assert whole[4] == len(data)
+    check_sse_count(chunks, max_line, max_event)
+
+
+def check_sse_count(chunks: Sequence[bytes], max_line: int, max_event: int) -> None:
+    """``count()`` (the proxy's hot path) over ``chunks`` reports, after every chunk, what
+    ``feed()`` over the same chunks does: the events it completed, ``events``, ``last_id``,
+    ``dispatched_id``, ``boundary``, ``overflowed`` and ``offset``; its buffer stays bounded."""
+    fed = SSEParser(max_line_bytes=max_line, max_event_bytes=max_event)
+    counted = SSEParser(max_line_bytes=max_line, max_event_bytes=max_event)
+    for piece in chunks:
+        items = fed.feed(piece)
+        n = counted.count(piece)
+        assert n == sum(1 for item in items if isinstance(item, Event)), (chunks, piece)
+        assert (counted.events, counted.last_id, counted.dispatched_id, counted.boundary,
+                counted.overflowed, counted.offset) == (
+                    fed.events, fed.last_id, fed.dispatched_id, fed.boundary, fed.overflowed,
+                    fed.offset), (chunks, piece)
+        assert counted.buffered <= max_line + max_event, (counted.buffered, max_line, max_event)
 
 
 # -- paths and URLs ----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Test rules (as trio-websocket states them): loopback only, port 0, every network test bounded by
 ``trio.fail_after``, ``autojump_clock`` wherever no real socket is involved. The fake upstream,
-fault proxy, chaos client and in-process server come from ``keepstream.testing`` (the public
-toolkit, loaded as a pytest plugin): there is no second private copy.
+fault proxy, chaos client, canary listener and the in-process and subprocess servers come from
+``keepstream.testing`` (the public toolkit, loaded as a pytest plugin): there is no second
+private copy.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The CLI of DESIGN section 4, as a user runs it: a real ``keepstream serve`` subprocess."""
+"""The CLI of DESIGN section 4, as a user runs it: a real ``keepstream serve`` subprocess
+(the toolkit's process harness, here with plain flags and no config file)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from keepstream._cli import main
-from keepstream.testing import FakeResponseSpec, FakeUpstream, chaos_request
+from keepstream.testing import FakeResponseSpec, FakeUpstream, chaos_request, run_keepstream_process
 
 KEEPSTREAM = [sys.executable, "-m", "keepstream"]
 
@@ -24,23 +24,6 @@ DESIGN_RECORD_FIELDS = [
 ]
 
 
-async def _start_serve(args: list[str]) -> tuple[trio.Process, int]:
-    proc = await trio.lowlevel.open_process(
-        [*KEEPSTREAM, "serve", "--bind", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    buf = b""
-    with trio.fail_after(20):
-        while b"\n" not in buf:
-            chunk = await proc.stdout.receive_some(4096)
-            assert chunk, "keepstream serve exited before listening"
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    assert line.startswith("keepstream listening on http://127.0.0.1:"), line
-    return proc, int(line.rsplit(":", 1)[1])
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*KEEPSTREAM, *args], capture_output=True, timeout=30, check=False)
 
@@ -49,19 +32,18 @@ async def test_serve_proxies_sse_and_post_byte_for_byte(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     journal = f"sqlite:///{tmp_path / 'ks.db'}"
-    proc, port = await _start_serve(["--upstream", fake_upstream.url, "--journal", journal])
     spec = FakeResponseSpec(events=25, style="llm", interval=0.002)
     payload = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-    try:
+    # No --config: `keepstream serve --bind 127.0.0.1:0 --upstream URL --journal URL`. Leaving
+    # the block sends SIGTERM and waits up to 10 s (then SIGKILL, and the exit code says so).
+    async with run_keepstream_process(None, "--upstream", fake_upstream.url, "--journal", journal,
+                                      workdir=tmp_path, stop_timeout=10) as server:
+        assert server.url.startswith("http://127.0.0.1:"), server.url
         with trio.fail_after(20):
-            sse = await chaos_request(port, "GET", "/v1/chat", headers=spec.headers())
-            post = await chaos_request(port, "POST", "/echo", body=payload,
+            sse = await chaos_request(server.port, "GET", "/v1/chat", headers=spec.headers())
+            post = await chaos_request(server.port, "POST", "/echo", body=payload,
                                        headers=[("Content-Type", "application/json")])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            code = await proc.wait()
-    assert code == 0
+    assert server.returncode == 0, server.stderr()[-2000:]
     assert sse.status == 200 and sse.complete and sse.body == spec.expected_body()
     assert post.status == 200 and post.body == payload
     for res, expected in ((sse, spec.expected_body()), (post, payload)):

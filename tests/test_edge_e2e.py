@@ -6,34 +6,20 @@ import json
 
 import trio
 
-from keepstream.testing import FakeUpstream, chaos_request, run_keepstream
+from keepstream.testing import Canary, FakeUpstream, chaos_request, run_keepstream
 
 from .conftest import make_config
 
 
-async def _canary(nursery: trio.Nursery) -> tuple[int, list[int]]:
-    """A loopback listener that counts the connections it gets."""
-    hits: list[int] = []
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        hits.append(1)
-        await stream.aclose()
-
-    nursery.start_soon(trio.serve_listeners, handler, listeners)
-    return port, hits
-
-
 async def test_absolute_and_authority_form_never_reach_upstream(
-    fake_upstream: FakeUpstream, journal_url: str, nursery: trio.Nursery
+    fake_upstream: FakeUpstream, journal_url: str, canary: Canary
 ) -> None:
-    canary, hits = await _canary(nursery)
+    c = canary.listen  # 127.0.0.1:PORT
     cfg = make_config(fake_upstream.url, journal_url)
     vectors = [
-        f"GET http://127.0.0.1:{canary}/x HTTP/1.1\r\nHost: 127.0.0.1:{canary}\r\n\r\n",
-        f"GET http://127.0.0.1:{canary} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        f"CONNECT 127.0.0.1:{canary} HTTP/1.1\r\nHost: 127.0.0.1:{canary}\r\n\r\n",
+        f"GET http://{c}/x HTTP/1.1\r\nHost: {c}\r\n\r\n",
+        f"GET http://{c} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        f"CONNECT {c} HTTP/1.1\r\nHost: {c}\r\n\r\n",
         "GET //127.0.0.1/x HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /a/../../x HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /a/%2e%2e/x HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -46,7 +32,7 @@ async def test_absolute_and_authority_form_never_reach_upstream(
                 assert res.status is not None and 400 <= res.status < 500, (raw, res.status)
             assert ks.proxy.supervisor.started_total == 0
     assert fake_upstream.exchanges == []
-    assert hits == []
+    assert canary.connections == 0
 
 
 async def test_connection_named_and_hop_by_hop_headers_not_forwarded(

@@ -35,7 +35,9 @@ DOCUMENTED = {
                  "Status"},
     keepstream.testing: {"run_fake_upstream", "FakeUpstream", "FakeResponseSpec",
                          "run_keepstream", "RunningKeepstream", "chaos_request",
-                         "run_fault_proxy", "FaultProxy"},
+                         "run_fault_proxy", "FaultProxy", "run_canary", "Canary",
+                         "run_keepstream_process", "start_keepstream_process",
+                         "KeepstreamProcess"},
 }
 
 

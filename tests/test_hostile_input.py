@@ -3,10 +3,11 @@ attempts, request body abuse (invariants I8 and I9).
 
 Every test runs keepstream (in-process with ``run_keepstream``, or ``keepstream serve`` as a
 subprocess where the process itself is measured or must survive) in front of the fake upstream
-and a *canary*: a loopback listener that no request may ever reach. Requests are raw bytes sent
-by :func:`send_raw`, which also reports whether the server ended the connection after its answer
-and what followed that answer (a second answer means that bytes after a refused request were
-parsed as a request of their own: smuggling).
+and a *canary* (the toolkit's ``canary`` fixture): a loopback listener that no request may ever
+reach. Requests are raw bytes sent by the toolkit's ``chaos_request(port, raw_request=...,
+read_after=s)``, which also reports whether the server ended the connection after its answer
+(``closed_by_peer``) and what followed that answer (``after``: a second answer means that bytes
+after a refused request were parsed as a request of their own: smuggling).
 
 A refused vector (row 15 corpus, row 16 corpus) must:
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import trio
 from keepstream import Config, JournalConfig, Route, ServerConfig
 from keepstream._rules import HOP_BY_HOP
 from keepstream.testing import (
+    Canary,
     FakeResponseSpec,
     FakeUpstream,
     RunningKeepstream,
@@ -57,115 +59,7 @@ FOLLOW = b"GET /pipelined HTTP/1.1\r\nHost: x\r\n\r\n"
 CAP = 64 * 1024  # server.max_body_bytes for the row 15 corpus
 
 
-# -- a raw client ------------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    """What :func:`send_raw` saw: the first response, and what came after it."""
-
-    status: int | None = None
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
-    complete: bool = False
-    ended: bool = False  # the server closed or reset the connection
-    after: bytes = b""  # bytes received after the first response
-    error: str | None = None
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
-
-
-async def send_raw(
-    port: int, raw: bytes, *, wait_end: float = 0.0, timeout: float = 10.0
-) -> Reply:
-    """Send ``raw`` verbatim on a new connection and read one response; then read on for up to
-    ``wait_end`` seconds, until the server ends the connection. Never raises for network
-    trouble: a send cut short by the server is normal here."""
-    reply = Reply()
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 22)
-    parser.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-    parser.send(h11.EndOfMessage())
-    body = bytearray()
-
-    async def send_all() -> None:
-        try:
-            await stream.send_all(raw)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the server answered and closed first; its answer is read all the same
-
-    async def receive() -> bytes:
-        try:
-            data = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            data = b""
-        if not data:
-            reply.ended = True
-        return data
-
-    try:
-        with trio.move_on_after(timeout) as deadline:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_all)
-                while True:
-                    try:
-                        event = parser.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        reply.error = str(exc)
-                        break
-                    if event is h11.NEED_DATA:
-                        parser.receive_data(await receive())
-                    elif isinstance(event, h11.Response):
-                        reply.status = event.status_code
-                        reply.headers = list(event.headers.raw_items())
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        reply.complete = True
-                        break
-                    elif not isinstance(event, h11.InformationalResponse):
-                        break  # ConnectionClosed
-                after = bytearray(parser.trailing_data[0])
-                if not reply.ended and wait_end > 0:
-                    with trio.move_on_after(wait_end):
-                        while data := await receive():
-                            after += data
-                reply.after = bytes(after)
-                nursery.cancel_scope.cancel()
-        if deadline.cancelled_caught:
-            reply.error = "timeout"
-    finally:
-        reply.body = bytes(body)
-        await stream.aclose()
-    return reply
-
-
-# -- the canary and the servers ----------------------------------------------------------------
-
-
-@dataclass
-class Canary:
-    """A loopback listener that counts the connections it gets: there must be none."""
-
-    port: int
-    connections: int = 0
-
-
-@pytest.fixture
-async def canary(nursery: trio.Nursery) -> Canary:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    found = Canary(listeners[0].socket.getsockname()[1])
-
-    async def handler(stream: trio.SocketStream) -> None:
-        found.connections += 1
-        await stream.aclose()
-
-    nursery.start_soon(trio.serve_listeners, handler, listeners)
-    return found
+# -- configs and raw requests ----------------------------------------------------------------------
 
 
 def corpus_config(upstream: str, journal_url: str, **server: Any) -> Config:
@@ -428,22 +322,24 @@ async def test_row15_smuggling_and_header_abuse(
     with trio.fail_after(30):
         async with run_keepstream(corpus_config(fake_upstream.url, journal_url)) as ks:
             if vector.refused:
-                alone = await send_raw(ks.port, raw, wait_end=2.0)
+                alone = await chaos_request(ks.port, raw_request=raw, read_after=2.0)
                 assert alone.status in vector.refused, (alone.status, alone.error, alone.body)
-                assert alone.ended, "the connection stays open after a refusal"
+                assert alone.closed_by_peer, "the connection stays open after a refusal"
                 assert alone.after == b""
                 # The same bytes with a request pipelined behind: that one is never served.
                 # (Hypercorn may lose the answer itself when it closes with bytes still
                 # buffered: then no status, but still nothing served.)
-                piped = await send_raw(ks.port, raw + FOLLOW, wait_end=2.0)
+                piped = await chaos_request(ks.port, raw_request=raw + FOLLOW, read_after=2.0)
                 assert piped.status in (*vector.refused, None), piped.status
-                assert piped.ended and b"HTTP/1.1" not in piped.after, piped.after[:200]
+                assert piped.closed_by_peer and b"HTTP/1.1" not in piped.after, \
+                    piped.after[:200]
                 assert_nothing_reached(ks, fake_upstream, canary)
                 return
-            reply = await send_raw(ks.port, raw, wait_end=2.0 if vector.closes else 0.0)
+            reply = await chaos_request(ks.port, raw_request=raw,
+                                        read_after=2.0 if vector.closes else 0.0)
             assert reply.status == 200 and reply.complete, (reply.status, reply.error)
             if vector.closes:
-                assert reply.ended, "Connection: close, but the connection stays open"
+                assert reply.closed_by_peer, "Connection: close, but the connection stays open"
     if vector.refused:
         return
     assert canary.connections == 0
@@ -469,13 +365,14 @@ async def test_row15_pipelined_refusal_after_a_served_request(
                    fake_upstream)
     with trio.fail_after(20):
         async with run_keepstream(corpus_config(fake_upstream.url, journal_url)) as ks:
-            two = await send_raw(ks.port, served + refused, wait_end=2.0)
-            three = await send_raw(ks.port, served + refused + req("GET /third HTTP/1.1",
-                                                                   "Host: a"), wait_end=2.0)
+            two = await chaos_request(ks.port, raw_request=served + refused, read_after=2.0)
+            three = await chaos_request(
+                ks.port, raw_request=served + refused + req("GET /third HTTP/1.1", "Host: a"),
+                read_after=2.0)
     assert two.status == 200 and two.complete
     assert two.after.startswith(b"HTTP/1.1 400 ") and two.after.count(b"HTTP/1.1 ") == 1
-    assert two.ended
-    assert three.status == 200 and three.ended
+    assert two.closed_by_peer
+    assert three.status == 200 and three.closed_by_peer
     assert three.after.count(b"HTTP/1.1 ") <= 1 and b"HTTP/1.1 200" not in three.after
     assert [ex.request_target for ex in fake_upstream.exchanges] == ["/x", "/x"]
     assert canary.connections == 0
@@ -493,9 +390,9 @@ async def test_row15_connection_ends_after_a_response_that_closes_it(
     server ends the connection, as Hypercorn does on its own for any other app."""
     with trio.fail_after(20):
         async with run_keepstream(corpus_config(fake_upstream.url, journal_url)) as ks:
-            reply = await send_raw(ks.port, raw, wait_end=3.0)
+            reply = await chaos_request(ks.port, raw_request=raw, read_after=3.0)
     assert reply.status == 200 and reply.complete
-    assert reply.ended, "the server never closed the connection"
+    assert reply.closed_by_peer, "the server never closed the connection"
 
 
 async def test_row15_idle_keep_alive_connection_is_closed_after_a_proxied_response(
@@ -506,12 +403,14 @@ async def test_row15_idle_keep_alive_connection_is_closed_after_a_proxied_respon
     cfg = corpus_config(fake_upstream.url, journal_url, keep_alive_timeout=0.5)
     with trio.fail_after(20):
         async with run_keepstream(cfg) as ks:
-            admin = await send_raw(ks.port, req("GET /_keepstream/healthz HTTP/1.1", "Host: a"),
-                                   wait_end=3.0)
-            proxied = await send_raw(ks.port, req(GET, "Host: a"), wait_end=3.0)
-    assert admin.status == 200 and admin.ended  # the baseline: Hypercorn's own idle timeout
+            admin = await chaos_request(
+                ks.port, raw_request=req("GET /_keepstream/healthz HTTP/1.1", "Host: a"),
+                read_after=3.0)
+            proxied = await chaos_request(ks.port, raw_request=req(GET, "Host: a"),
+                                          read_after=3.0)
+    assert admin.status == 200 and admin.closed_by_peer  # the baseline: Hypercorn's own timeout
     assert proxied.status == 200 and proxied.complete
-    assert proxied.ended, "an idle keep-alive connection outlived keep_alive_timeout"
+    assert proxied.closed_by_peer, "an idle keep-alive connection outlived keep_alive_timeout"
 
 
 # -- row 16: SSRF ------------------------------------------------------------------------------
@@ -601,7 +500,8 @@ async def test_row16_ssrf(
     raw = fill(attempt.raw, canary, fake_upstream)
     with trio.fail_after(20):
         async with run_keepstream(ssrf_config(fake_upstream.url, journal_url)) as ks:
-            reply = await send_raw(ks.port, raw, wait_end=2.0 if attempt.refused else 0.0)
+            reply = await chaos_request(ks.port, raw_request=raw,
+                                        read_after=2.0 if attempt.refused else 0.0)
             if attempt.refused:
                 assert reply.status in attempt.refused, (reply.status, reply.error, reply.body)
                 assert_nothing_reached(ks, fake_upstream, canary)
@@ -793,8 +693,11 @@ async def test_row15_hypercorn_protocol_errors_end_one_connection_not_the_server
                                                              (b":authority", b"127.0.0.1:1")])
                         assert got in {"reset", "goaway", "closed", "400", "405"}, got
                     else:
-                        reply = await send_raw(server.port, WEBSOCKET_THEN_BYTES, wait_end=1.0)
-                        assert reply.status in (None, 400, 403) and reply.ended
+                        reply = await chaos_request(server.port, raw_request=WEBSOCKET_THEN_BYTES,
+                                                    read_after=1.0)
+                        if not (reply.error or "").startswith("connect: "):
+                            assert reply.status in (None, 400, 403) and reply.closed_by_peer, \
+                                (reply.status, reply.error)
                 except OSError:
                     pass  # refused: the process is gone, as the next assertion says
                 await trio.sleep(0.1)

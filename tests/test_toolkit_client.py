@@ -215,3 +215,70 @@ async def test_refused_connection_is_reported() -> None:
         result = await chaos_request(port)
     assert result.error is not None
     assert result.error.startswith("connect: ConnectionRefusedError")
+
+
+ECHO_ONE = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\none"
+ECHO_TWO_THEN_CLOSE = (b"POST /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                       b"Content-Length: 3\r\n\r\ntwo")
+
+
+async def test_after_holds_the_answer_to_a_pipelined_request(upstream: FakeUpstream) -> None:
+    """``read_after``: the first answer is parsed; the second (to the request pipelined behind)
+    is in ``after``, byte for byte, and the server's close after it is seen."""
+    with trio.fail_after(5):
+        result = await chaos_request(upstream.port, raw_request=ECHO_ONE + ECHO_TWO_THEN_CLOSE,
+                                     read_after=2.0)
+    assert result.status == 200 and result.complete and result.body == b"one"
+    assert result.after.startswith(b"HTTP/1.1 200 ") and result.after.endswith(b"\r\n\r\ntwo")
+    assert result.after.count(b"HTTP/1.1 ") == 1
+    assert result.raw.endswith(result.after) and len(result.raw) > len(result.after)
+    assert result.closed_by_peer and not result.reset_by_peer
+    assert result.error is None
+    assert [ex.request_body for ex in upstream.exchanges] == [b"one", b"two"]
+
+
+async def test_read_after_ends_after_its_seconds_on_an_open_connection(
+    upstream: FakeUpstream,
+) -> None:
+    """Keep-alive: nothing follows the answer and the connection stays open; ``read_after``
+    gives up after its seconds, with no error and no close seen."""
+    with trio.fail_after(5):
+        start = trio.current_time()
+        result = await chaos_request(upstream.port, raw_request=ECHO_ONE, read_after=0.3)
+        took = trio.current_time() - start
+    assert result.status == 200 and result.complete and result.body == b"one"
+    assert result.after == b""
+    assert not result.closed_by_peer and result.error is None
+    assert 0.3 <= took < 2.0
+
+
+async def test_without_read_after_nothing_more_is_read(upstream: FakeUpstream) -> None:
+    """The default: the call returns at the end of the answer, on a connection kept alive."""
+    with trio.fail_after(5):
+        start = trio.current_time()
+        result = await chaos_request(upstream.port, raw_request=ECHO_ONE)
+        took = trio.current_time() - start
+    assert result.body == b"one" and result.complete and result.after == b""
+    assert not result.closed_by_peer and took < 1.0
+
+
+async def test_read_after_sees_a_reset(upstream: FakeUpstream) -> None:
+    """An RST after the answer (here: the fake upstream resets mid-body of the second one)."""
+    second = FakeResponseSpec(events=3, reset_after=10, interval=0.05)
+    raw = ECHO_ONE + b"GET /x HTTP/1.1\r\nHost: a\r\n" + b"".join(
+        f"{k}: {v}\r\n".encode() for k, v in second.headers()) + b"\r\n"
+    with trio.fail_after(5):
+        result = await chaos_request(upstream.port, raw_request=raw, read_after=3.0)
+    assert result.body == b"one" and result.complete
+    assert result.after.startswith(b"HTTP/1.1 200 ")
+    assert result.closed_by_peer and result.reset_by_peer
+
+
+@pytest.mark.parametrize("stop", [{"disconnect_after_bytes": 1}, {"disconnect_after_events": 1},
+                                  {"stall_after_bytes": 1}])
+async def test_read_after_with_a_stop_option_is_refused(
+    upstream: FakeUpstream, stop: dict[str, int]
+) -> None:
+    with pytest.raises(ValueError, match="read_after"):
+        await chaos_request(upstream.port, read_after=1.0, **stop)  # type: ignore[arg-type]
+    assert upstream.connections_seen == 0

@@ -103,3 +103,25 @@ async def test_sigkill_leaves_open_then_restart_orphans(
         finally:
             again.send_signal(signal.SIGTERM)
             assert await again.wait() == 0
+
+
+async def test_plain_flags_without_a_config_file(
+    fake_upstream: FakeUpstream, tmp_path: Path, keepstream_process_factory: Factory
+) -> None:
+    """``config=None``: ``keepstream serve --bind 127.0.0.1:0 [flags]``, no ``--config``; the
+    command line shows it, and the flags alone configure the proxy."""
+    db = tmp_path / "flags.db"
+    with trio.fail_after(30):
+        async with keepstream_process_factory(None, "--upstream", fake_upstream.url,
+                                              "--journal", f"sqlite:///{db}") as ks:
+            assert ks.url == f"http://127.0.0.1:{ks.port}"
+            argv = ks.proc.args
+            assert isinstance(argv, list)
+            assert argv[1:] == ["-m", "keepstream", "serve", "--bind", "127.0.0.1:0",
+                                "--upstream", fake_upstream.url, "--journal", f"sqlite:///{db}"]
+            res = await chaos_request(ks.port, "POST", "/echo", body=b"flags")
+            assert res.status == 200 and res.body == b"flags"
+    assert ks.returncode == 0, ks.stderr()[-2000:]
+    assert ks.stderr_path.parent == tmp_path
+    (row,) = _rows(db)
+    assert row["status"] == "completed"

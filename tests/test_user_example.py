@@ -5,9 +5,11 @@ In a fresh virtual environment: keepstream is installed from a copy of this chec
 on their own. ``examples/test_my_service.py`` is copied into an empty directory, with no
 configuration next to it, and run there: the plugin must load through its ``pytest11`` entry
 point and the example, which uses only the public fixtures, must pass; and again with plugin
-auto-loading disabled and the plugins named explicitly (``-p trio -p keepstream``).
+auto-loading disabled and the plugins named explicitly (``-p trio -p keepstream``, and
+``-p trio -p keepstream.testing``), and auto-loaded with ``-p keepstream.testing`` named as well.
 
-This needs the package index (as installing keepstream does); it is not skipped offline.
+This needs the package index (as installing keepstream does); it is not skipped offline. The
+plugin-naming cases also run, fast, with this interpreter's keepstream (not marked slow).
 """
 
 from __future__ import annotations
@@ -84,9 +86,60 @@ async def test_pip_install_then_the_example_passes_in_a_fresh_venv(tmp_path: Pat
     assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in [\d.]+s( \(.*\))?", summary), out
 
     # Explicit use, with plugin auto-loading off (as some CI setups run pytest): the plugins are
-    # named with -p by their entry-point names, and the same tests pass.
-    explicit = await _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "trio",
-                          "-p", "keepstream", EXAMPLE.name, cwd=work, timeout=300,
-                          extra_env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    assert explicit.strip().splitlines()[-1].split(" in ")[0] == summary.split(" in ")[0], \
-        explicit
+    # named with -p, by their entry-point names or by the toolkit's module, and the same tests
+    # pass; naming the module while the plugin auto-loads changes nothing either.
+    for autoload, plugins in EXPLICIT:
+        explicit = await _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugins,
+                              EXAMPLE.name, cwd=work, timeout=300,
+                              extra_env={} if autoload else {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        assert explicit.strip().splitlines()[-1].split(" in ")[0] == summary.split(" in ")[0], \
+            (plugins, explicit)
+
+
+#: (auto-loading on, the -p options): ways to name the plugin that must all give its fixtures.
+EXPLICIT: list[tuple[bool, tuple[str, ...]]] = [
+    (False, ("-p", "trio", "-p", "keepstream")),
+    (False, ("-p", "trio", "-p", "keepstream.testing")),
+    (True, ("-p", "keepstream.testing")),
+]
+
+PROBE = """\
+import pytest
+
+import keepstream.testing._plugin
+
+pytestmark = pytest.mark.trio
+
+
+async def test_fixtures(request, fake_upstream, canary, keepstream_journal_url):
+    assert request.config.pluginmanager.get_plugin("keepstream") is keepstream.testing._plugin
+    assert fake_upstream.port > 0 and canary.port > 0 and canary.connections == 0
+    assert keepstream_journal_url.startswith("sqlite:///")
+"""
+
+
+@pytest.mark.parametrize(("autoload", "plugins"), EXPLICIT,
+                         ids=["-p keepstream", "-p keepstream.testing", "autoload+module"])
+async def test_plugin_loads_by_either_name(
+    tmp_path: Path, autoload: bool, plugins: tuple[str, ...]
+) -> None:
+    """This interpreter's keepstream: each way of naming the plugin gives its fixtures once,
+    with no warning (a second registration of the same module would be an error)."""
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    out = await _run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     "-W", "error", *plugins, "test_probe.py", cwd=tmp_path, timeout=120,
+                     extra_env={} if autoload else {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert re.fullmatch(r"1 passed in [\d.]+s( \(.*\))?", out.strip().splitlines()[-1]), out
+
+
+async def test_without_the_plugin_named_the_fixtures_are_missing(tmp_path: Path) -> None:
+    """The control for the test above: auto-loading off and only ``-p trio``."""
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
+    with trio.fail_after(120):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "trio",
+             "test_probe.py"], cwd=tmp_path, check=False, capture_stdout=True,
+            env={**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert proc.returncode == 1, proc.stdout.decode(errors="replace")
+    assert b"fixture 'fake_upstream' not found" in proc.stdout

@@ -4,7 +4,9 @@ It sends one request (built by hand, or ``raw_request`` verbatim), parses the an
 stops exactly where asked: after ``k`` body bytes, after ``N`` SSE events, stalled with the socket
 open, with a FIN or an RST (``SO_LINGER 0``), after a half-close, with a tiny receive buffer. The
 request is sent by a task of its own, so an answer that arrives while the request body is still
-being sent (a 413, a 400) is read all the same.
+being sent (a 413, a 400) is read all the same. With ``read_after`` it reads on after the first
+response until the peer ends the connection: what a server sends after its answer (a second
+answer to bytes pipelined behind a refused request: smuggling) is in ``ChaosResult.after``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class ChaosResult:
     when a proper end of response arrived (the 0-chunk, the full Content-Length, or EOF for an
     EOF-delimited body). ``closed_by_peer`` is True when the peer closed or reset the connection
     before the client closed it; ``reset_by_peer`` when that was an RST. ``error`` describes what
-    went wrong (connect failure, reset, protocol error, ``"timeout"``), else None.
+    went wrong (a connect failure starts with ``"connect: "``; reset, protocol error,
+    ``"timeout"``), else None. ``after`` is every byte received after the end of the first
+    response (or after the point where it could not be parsed): pipelined answers, or anything
+    the server sent once it had answered; empty when the client stopped reading on purpose.
     """
 
     status: int | None = None
@@ -46,6 +51,7 @@ class ChaosResult:
     reset_by_peer: bool = False
     events: int = 0
     send_error: str | None = None
+    after: bytes = b""
 
     def header(self, name: str) -> bytes | None:
         """Return the first response header ``name`` (case-insensitive), or None."""
@@ -131,6 +137,7 @@ async def chaos_request(
     body_interval: float = 0.0,
     body_piece: int = 1,
     host: str = "127.0.0.1",
+    read_after: float = 0.0,
 ) -> ChaosResult:
     """Send one request to ``host:port`` and read the answer, misbehaving as asked.
 
@@ -145,10 +152,19 @@ async def chaos_request(
     - ``recv_buffer``: ``SO_RCVBUF`` set before connecting.
     - ``raw_request``: send these bytes verbatim instead of building a request.
     - ``body_interval``: send the body ``body_piece`` bytes at a time with this pause between.
+    - ``read_after=s``: once the first response ended (or could not be parsed), read on for up
+      to ``s`` seconds, until the peer closes the connection (``closed_by_peer``); what arrives
+      is added to ``ChaosResult.after``. Not with ``disconnect_after_*`` or ``stall_after_bytes``.
     - ``timeout``: bound on the whole call; reaching it sets ``error="timeout"``.
 
     Never raises for network trouble; everything is reported in the :class:`ChaosResult`.
+    Raises ``ValueError`` for ``read_after`` combined with a stop option.
     """
+    if read_after > 0 and not (
+        disconnect_after_bytes is None and disconnect_after_events is None
+        and stall_after_bytes is None
+    ):
+        raise ValueError("read_after reads on after the response: it cannot stop before that")
     result = ChaosResult()
     if raw_request is not None:
         head, payload = raw_request, b""
@@ -162,6 +178,7 @@ async def chaos_request(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
     raw = bytearray()
     got = bytearray()
+    after = bytearray()
     closed = False
 
     def close_socket() -> None:
@@ -199,7 +216,7 @@ async def chaos_request(
             stream = trio.SocketStream(sock)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_request, stream)
-                await _read_response(
+                rest = await _read_response(
                     stream,
                     parse_method,
                     result,
@@ -213,6 +230,10 @@ async def chaos_request(
                 )
                 if stall_after_bytes is not None and result.error is None and not result.complete:
                     await _hold(sock, result, hold)
+                if rest is not None:
+                    after += rest
+                    if read_after > 0 and not result.closed_by_peer:
+                        await _read_on(stream, result, raw, after, read_after, read_size)
                 nursery.cancel_scope.cancel()
         if deadline.cancelled_caught and result.error is None:
             result.error = "timeout"
@@ -220,6 +241,7 @@ async def chaos_request(
         close_socket()
         result.raw = bytes(raw)
         result.body = bytes(got)
+        result.after = bytes(after)
         result.events = _count_events(result.body)
     return result
 
@@ -236,6 +258,30 @@ async def _hold(sock: trio.socket.SocketType, result: ChaosResult, hold: float) 
             await trio.sleep(0.005 if state is not None else hold)
 
 
+async def _read_on(
+    stream: trio.SocketStream,
+    result: ChaosResult,
+    raw: bytearray,
+    after: bytearray,
+    seconds: float,
+    read_size: int,
+) -> None:
+    """After the first response: read until the peer ends the connection or ``seconds`` pass."""
+    with trio.move_on_after(seconds):
+        while True:
+            try:
+                data = await stream.receive_some(read_size)
+            except trio.BrokenResourceError as exc:
+                result.closed_by_peer = True
+                result.reset_by_peer = isinstance(exc.__cause__, ConnectionResetError)
+                return
+            if not data:
+                result.closed_by_peer = True
+                return
+            raw += data
+            after += data
+
+
 async def _read_response(
     stream: trio.SocketStream,
     method: bytes,
@@ -248,7 +294,9 @@ async def _read_response(
     stall_after_bytes: int | None,
     read_delay: float,
     read_size: int,
-) -> None:
+) -> bytes | None:
+    """Read and parse the first response. Return the bytes received after its end (or after
+    the point where it could not be parsed), or None when the client stopped on purpose."""
     parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
     parser.send(h11.Request(method=method, target="/", headers=[("Host", "chaos")]))
     parser.send(h11.EndOfMessage())
@@ -264,7 +312,7 @@ async def _read_response(
             event = parser.next_event()
         except h11.RemoteProtocolError as exc:
             result.error = f"RemoteProtocolError: {exc}"
-            return
+            return parser.trailing_data[0]
         if event is h11.NEED_DATA:
             if read_delay > 0 and not first_read:
                 await trio.sleep(read_delay)
@@ -275,7 +323,7 @@ async def _read_response(
                 result.closed_by_peer = True
                 result.reset_by_peer = isinstance(exc.__cause__, ConnectionResetError)
                 result.error = _describe(exc)
-                return
+                return parser.trailing_data[0]
             if not data:
                 result.closed_by_peer = True
             raw += data
@@ -286,7 +334,7 @@ async def _read_response(
             result.status = event.status_code
             result.headers = list(event.headers.raw_items())
             if byte_limit == 0 or disconnect_after_events == 0:
-                return
+                return None
         elif isinstance(event, h11.Data):
             got += event.data
             stop = False
@@ -304,12 +352,12 @@ async def _read_response(
                 else:
                     scan = max(scan, len(got) - 1)
             if stop:
-                return
+                return None
         elif isinstance(event, h11.EndOfMessage):
             result.complete = True
-            return
-        else:  # h11.ConnectionClosed before the end: reported by next_event as an error
-            return
+            return parser.trailing_data[0]
+        else:  # h11.ConnectionClosed (or PAUSED after a CONNECT's 2xx / a 101)
+            return parser.trailing_data[0]
 
 
 def _count_events(body: bytes) -> int:

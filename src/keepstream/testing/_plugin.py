@@ -11,6 +11,11 @@ Fixtures (all need pytest-trio; each binds 127.0.0.1 only and stops with the tes
   ``keepstream serve`` as a subprocess (a :class:`~keepstream.testing.KeepstreamProcess`) in the
   test's temporary directory; send it signals with ``ks.send_signal``.
 * ``keepstream_journal_url``: a ``sqlite:///`` URL in the test's temporary directory.
+* ``canary``: a running :class:`~keepstream.testing.Canary`, a loopback listener that counts the
+  connections it gets (there must be none).
+
+Registered under the name ``keepstream``: by the entry point, by ``-p keepstream``, or by
+``-p keepstream.testing`` (see :func:`keepstream.testing.pytest_configure`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pytest
 import trio
 
 from .._config import Config
+from ._canary import Canary, run_canary
 from ._faultproxy import FaultProxy, run_fault_proxy
 from ._harness import RunningKeepstream, run_keepstream
 from ._process import KeepstreamProcess, run_keepstream_process
@@ -34,6 +40,12 @@ from ._upstream import FakeUpstream, run_fake_upstream
 async def fake_upstream(nursery: trio.Nursery) -> FakeUpstream:
     upstream: FakeUpstream = await nursery.start(run_fake_upstream)
     return upstream
+
+
+@pytest.fixture
+async def canary(nursery: trio.Nursery) -> Canary:
+    found: Canary = await nursery.start(run_canary)
+    return found
 
 
 @pytest.fixture

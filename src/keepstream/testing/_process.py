@@ -2,7 +2,9 @@
 
 The in-process harness (:func:`~keepstream.testing.run_keepstream`) cannot show what a real
 process does on SIGTERM: exit code, drain deadline, the records a SIGKILL leaves. This one runs
-the same command users deploy, on 127.0.0.1 with an ephemeral port, and hands back the process.
+the same command users deploy, on 127.0.0.1 with an ephemeral port, and hands back the process:
+from a :class:`~keepstream.Config` or a TOML file (``--config``), or from plain command-line
+flags alone (``config=None``: ``keepstream serve --bind 127.0.0.1:0 --upstream URL ...``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _limit_fds(n: int) -> None:
 
 
 async def start_keepstream_process(
-    config: Config | str | os.PathLike[str],
+    config: Config | str | os.PathLike[str] | None,
     *args: str,
     workdir: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -112,7 +114,11 @@ async def start_keepstream_process(
     ``config`` is a :class:`~keepstream.Config` (written to ``workdir/keepstream.toml``, in a
     new temporary directory if ``workdir`` is None, with ``server.bind`` replaced by
     ``127.0.0.1:0``) or the path of a TOML file (used as it is; bind
-    it to ``127.0.0.1:0``). ``args`` are more ``serve`` options (``--workers 2``). The caller
+    it to ``127.0.0.1:0``). ``args`` are more ``serve`` options (``--workers 2``). With
+    ``config=None`` no ``--config`` is passed: the command is
+    ``python -m keepstream serve --bind 127.0.0.1:0 [args]``, configured by its flags
+    (``"--upstream", url, "--journal", journal_url``) and the environment, as a user runs it;
+    its stderr goes to ``workdir`` (a new temporary directory if None). The caller
     owns the process: stop it with :meth:`KeepstreamProcess.send_signal` and ``wait``, or use
     :func:`run_keepstream_process`, which always does. ``nofile`` sets the process's
     ``RLIMIT_NOFILE`` (soft and hard), for fd-exhaustion tests.
@@ -124,13 +130,19 @@ async def start_keepstream_process(
             config, server=dataclasses.replace(config.server, bind="127.0.0.1:0"))
         path = directory / "keepstream.toml"
         path.write_text(config_toml(config), encoding="utf-8")
+        serve = ["--config", str(path)]
+    elif config is None:
+        directory = Path(workdir) if workdir is not None else \
+            Path(tempfile.mkdtemp(prefix="keepstream-test-"))
+        serve = ["--bind", "127.0.0.1:0"]
     else:
         path = Path(config)
         directory = Path(workdir) if workdir is not None else path.parent
+        serve = ["--config", str(path)]
     stderr_path = directory / "keepstream.stderr.txt"
     with stderr_path.open("wb") as err:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "keepstream", "serve", "--config", str(path), *args],
+            [sys.executable, "-m", "keepstream", "serve", *serve, *args],
             stdout=subprocess.PIPE, stderr=err,
             env=None if env is None else {**os.environ, **env},
             preexec_fn=None if nofile is None else partial(_limit_fds, nofile),
@@ -162,7 +174,7 @@ async def start_keepstream_process(
 
 @asynccontextmanager
 async def run_keepstream_process(
-    config: Config | str | os.PathLike[str],
+    config: Config | str | os.PathLike[str] | None,
     *args: str,
     workdir: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,

@@ -9,6 +9,10 @@ chunk)::
 ``time.monotonic_ns()`` just before the write (19 digits; CLOCK_MONOTONIC is system-wide on
 Linux, so the load client can subtract it from its own clock). The fixed size lets the client
 find event boundaries by offset alone, whatever chunking the proxy produced.
+
+With ``ts=0`` in the request target the upstream writes ``T = 0``: a stream's bytes are then
+fully deterministic, ``upstream_bytes(n)`` (the drain scenario compares journal bodies and
+client bytes with it, byte for byte).
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def make_chunk(seq: int, ts_ns: int = 0) -> bytes:
     return CHUNK_PREFIX + make_event(seq, ts_ns) + b"\r\n"
 
 
+_STREAM = bytearray()
+
+
+def upstream_bytes(n: int) -> bytes:
+    """The first ``n`` bytes of the body the upstream sends with ``ts=0`` (events 0, 1, ...)."""
+    while len(_STREAM) < n:
+        _STREAM.extend(make_event(len(_STREAM) // EVENT_SIZE))
+    return bytes(_STREAM[:n])
+
+
+def is_upstream_prefix(data: bytes | bytearray) -> bool:
+    """True if ``data`` is a byte-exact prefix of a ``ts=0`` upstream body."""
+    return data == upstream_bytes(len(data))
+
+
 class ProtocolError(Exception):
     pass
 
@@ -43,12 +62,16 @@ class ResponseReader:
     Accepts chunked or Content-Length bodies (or EOF-delimited with ``eof()``); checks every
     event's prefix, suffix and sequence number; optionally records the latency of each event
     (receive time minus the upstream's embedded timestamp) into ``latencies`` (ns).
+
+    With ``raw`` (a bytearray) the body is not checked as events but appended to ``raw`` as
+    it arrives (the drain scenario: the body ends with a ``keepstream-reconnect`` event).
     """
 
     __slots__ = ("_buf", "_chunk_left", "_ev", "_length_left", "_stage", "body_bytes",
-                 "done", "error_body", "events", "latencies", "status")
+                 "done", "error_body", "events", "headers", "latencies", "raw", "status")
 
-    def __init__(self, latencies: list[int] | None = None) -> None:
+    def __init__(self, latencies: list[int] | None = None,
+                 raw: bytearray | None = None) -> None:
         self._buf = bytearray()
         self._ev = bytearray()
         self._stage = "head"  # head, size, data, crlf, trailer, length, eof, done
@@ -59,6 +82,9 @@ class ResponseReader:
         self.body_bytes = 0
         self.done = False
         self.latencies = latencies
+        self.raw = raw
+        #: Response header fields, lower-case names (the last one wins).
+        self.headers: dict[bytes, bytes] = {}
         #: The body of a non-200 response (not checked as events), else None.
         self.error_body: bytearray | None = None
 
@@ -141,6 +167,7 @@ class ResponseReader:
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
+            self.headers[name] = value.strip()
             if name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
             elif name == b"content-length":
@@ -176,6 +203,9 @@ class ResponseReader:
             self.error_body += data[:max(0, 500 - len(self.error_body))]
             return
         self.body_bytes += len(data)
+        if self.raw is not None:
+            self.raw += data
+            return
         ev = self._ev
         ev += data
         n = len(ev) // EVENT_SIZE

@@ -1,8 +1,10 @@
 """keepstream's CPU cost per forwarded event, side by side with peers, in one run.
 
-    python benchmarks/run.py                  # bulk + paced, 3 repeats, a few minutes
+    python benchmarks/run.py                  # every scenario, 3 repeats: 15-20 minutes
     python benchmarks/run.py --smoke          # tiny CI-sized run: checks that every peer
-                                              # forwards every event; no timing claims
+                                              # forwards every event and that a drain loses
+                                              # no record; no timing claims
+    python benchmarks/run.py --check          # exit 1 if a target (TARGETS) is missed
 
 What runs (docs/performance.md explains it in full):
 
@@ -11,6 +13,12 @@ What runs (docs/performance.md explains it in full):
 * each peer (proxy under test) as its own process, started once and reused for every run;
   peers are measured in turn, rotating the order on each repeat.
 * ``loadgen.py``: the load client, N concurrent streams over raw sockets, checking every event.
+* the ``direct`` peer is no process at all: the load client connects to the upstream itself. Its
+  CPU per event is 0 by definition; its latency is the baseline of the "added latency" figures.
+* the ``drain`` scenario starts a fresh keepstream per run (SQLite journal in the work
+  directory), opens ``--drain-streams`` live streams, sends SIGTERM and times the exit; then it
+  reads the journal (read-only) and checks that every record is terminal and its body a
+  byte-exact prefix of what the upstream sent (and no shorter than what the client received).
 
 The proxy is pinned to the first allowed CPU, the upstream, the load client and this script to
 the second (when there are two). The proxy's CPU time is read from ``/proc/<pid>/stat``
@@ -18,7 +26,8 @@ the second (when there are two). The proxy's CPU time is read from ``/proc/<pid>
 quiet after it ended; ``cpu_us/event = cpu_seconds * 1e6 / events delivered``. Each figure is the
 median over ``--repeat`` runs.
 
-To add a peer, add an entry to ``PEERS``; to add a scenario, an entry to ``SCENARIOS``.
+To add a peer, add an entry to ``PEERS``; to add a scenario, an entry to ``SCENARIOS``; to add
+a target, an entry to ``TARGETS``.
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ import argparse
 import importlib.util
 import json
 import os
+import select
 import shutil
+import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -36,10 +48,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from _bench import cpu_times, tree_cpu_seconds, tree_rss_kib
+from _bench import cpu_times, is_upstream_prefix, tree_cpu_seconds, tree_rss_kib
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -51,10 +64,13 @@ PY = sys.executable
 class Peer:
     name: str
     describe: str
-    #: (bind, upstream_url, state) -> argv; ``state`` is a path prefix unique to this peer
-    argv: Callable[[str, str, Path], list[str]]
+    #: (bind, upstream_url, state) -> argv; ``state`` is a path prefix unique to this peer.
+    #: None: no proxy process, the load client connects to the upstream itself (``direct``).
+    argv: Callable[[str, str, Path], list[str]] | None
     #: Python modules the peer needs (``pip install -e '.[bench]'``); missing: peer skipped
     requires: tuple[str, ...] = ()
+    #: a ``keepstream serve`` command line: takes part in the drain scenario
+    keepstream: bool = False
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -63,13 +79,15 @@ class Peer:
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in [
+        Peer("direct", "no proxy: the load client connects to the upstream itself (latency "
+             "baseline; CPU per event 0 by definition)", None),
         Peer("keepstream-sqlite", "keepstream serve, journal sqlite (WAL, synchronous=NORMAL)",
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
                                     "--upstream", up, "--journal",
-                                    f"sqlite:///{tmp}-journal.db"]),
+                                    f"sqlite:///{tmp}-journal.db"], keepstream=True),
         Peer("keepstream-none", "keepstream serve, journal none",
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
-                                    "--upstream", up, "--journal", "none"]),
+                                    "--upstream", up, "--journal", "none"], keepstream=True),
         Peer("minimal", "minimal relay: Hypercorn trio + httpx, no journal (baseline)",
              lambda bind, up, tmp: [PY, str(HERE / "minimal_relay.py"), "--bind", bind,
                                     "--upstream", up]),
@@ -83,7 +101,10 @@ PEERS: dict[str, Peer] = {
     ]
 }
 BASELINE = "minimal"
-DEFAULT_PEERS = ["keepstream-sqlite", "keepstream-none", "minimal", "aiohttp", "starlette"]
+DIRECT = "direct"  # the peer whose latency the "added latency" figures subtract
+SUBJECT = "keepstream-sqlite"  # the peer the ratio lines and the targets are about
+DEFAULT_PEERS = ["direct", "keepstream-sqlite", "keepstream-none", "minimal", "aiohttp",
+                 "starlette"]
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -105,7 +126,9 @@ class Scenario:
     name: str
     describe: str
     load: Callable[[argparse.Namespace], Load]
-    warmup: Callable[[argparse.Namespace], Load]
+    warmup: Callable[[argparse.Namespace], Load] | None
+    #: run by ``run_drain`` (a fresh keepstream per run, SIGTERM mid-stream), not ``run_load``
+    drain: bool = False
 
 
 def _bulk(streams: int, events: int) -> Load:
@@ -127,6 +150,17 @@ def _idle(streams: int, seconds: float) -> Load:
 def _ttfb(requests: int) -> Load:
     return Load(requests, 1, "/bulk?events=1", False, timeout=60 + requests * 0.1,
                 sequential=True)
+
+
+#: drain: each stream would run for DRAIN_EVENTS / DRAIN_RATE s (far longer than any drain), so
+#: every stream is mid-stream at SIGTERM; ``ts=0`` makes the upstream's bytes deterministic.
+DRAIN_RATE = 2.0
+DRAIN_EVENTS = 100_000
+
+
+def _drain(streams: int) -> Load:
+    return Load(streams, 0, f"/paced?events={DRAIN_EVENTS}&rate={DRAIN_RATE:g}&ts=0", False,
+                timeout=60 + streams * 0.03)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -154,6 +188,11 @@ SCENARIOS: dict[str, Scenario] = {
             lambda a: _ttfb(a.requests),
             lambda a: _ttfb(max(1, min(a.requests, 20))),
         ),
+        Scenario(
+            "drain", "SIGTERM with many live streams (a fresh keepstream per run, SQLite "
+            "journal): exit time and code; every record terminal and byte-exact",
+            lambda a: _drain(a.drain_streams), None, drain=True,
+        ),
     ]
 }
 
@@ -164,6 +203,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _peer_env(src: str) -> dict[str, str]:
+    """A peer's extra environment: ``NAME@DIR`` runs it with ``PYTHONPATH=DIR``; keepstream's
+    default limit of 1,000 live streams would refuse streams of the larger loads."""
+    return {**({"PYTHONPATH": src} if src else {}), "KEEPSTREAM_MAX_STREAMS": "20000"}
 
 
 def _pinned(cpu: int | None) -> Callable[[], None] | None:
@@ -262,8 +307,15 @@ class Result:
         return self.events / self.wall_s if self.wall_s else float("nan")
 
 
-def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | None,
-             proxy_cpu: int | None, scenario: str, repeat: int, log: Path) -> Result:
+def _tree_cpu(proc: Proc | None) -> float:
+    return tree_cpu_seconds(proc.pid) if proc is not None else 0.0
+
+
+def run_load(name: str, peer: Proc | None, port: int, upstream: Proc, load: Load,
+             gen_cpu: int | None, proxy_cpu: int | None, scenario: str, repeat: int,
+             log: Path) -> Result:
+    """One load run against ``port``; ``peer`` is the proxy process (None for ``direct``:
+    no proxy, so no proxy CPU or memory to measure)."""
     argv = [PY, str(HERE / "loadgen.py"), "--target", f"127.0.0.1:{port}", "--path", load.path,
             "--streams", str(load.streams), "--expect", str(load.events), "--wait-go",
             "--timeout", str(load.timeout)]
@@ -279,19 +331,22 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         if lg.stdout.readline().strip() != b"READY":
             lg.wait()
             raise SystemExit(f"loadgen failed to start; see {log}")
-        _settle(peer.pid)
-        cpu0, up0 = tree_cpu_seconds(peer.pid), tree_cpu_seconds(upstream.pid)
+        if peer is not None:
+            _settle(peer.pid)
+        cpu0, up0 = _tree_cpu(peer), tree_cpu_seconds(upstream.pid)
         busy0, steal0, _ = cpu_times(proxy_cpu) if proxy_cpu is not None else (0.0, 0.0, 0.0)
         gbusy0, gsteal0, _ = cpu_times(gen_cpu) if gen_cpu is not None else (0.0, 0.0, 0.0)
-        rss0 = tree_rss_kib(peer.pid)
+        rss0 = tree_rss_kib(peer.pid) if peer is not None else 0
         peak = [rss0]
         sampling = threading.Event()
 
         def sample_rss() -> None:
+            assert peer is not None
             while not sampling.wait(0.25):
                 peak[0] = max(peak[0], tree_rss_kib(peer.pid))
 
-        sampler = threading.Thread(target=sample_rss, daemon=True) if load.rss else None
+        sampler = threading.Thread(target=sample_rss, daemon=True) \
+            if load.rss and peer is not None else None
         lg.stdin.write(b"go\n")
         lg.stdin.flush()
         if sampler is not None:
@@ -303,9 +358,10 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         busy1, steal1, _ = cpu_times(proxy_cpu) if proxy_cpu is not None else (0.0, 0.0, 0.0)
         gbusy1, gsteal1, _ = cpu_times(gen_cpu) if gen_cpu is not None else (0.0, 0.0, 0.0)
         lg.wait()
-        cpu_mid, up_mid = tree_cpu_seconds(peer.pid), tree_cpu_seconds(upstream.pid)
-        _settle(peer.pid)
-        cpu1, up1 = tree_cpu_seconds(peer.pid), tree_cpu_seconds(upstream.pid)
+        cpu_mid, up_mid = _tree_cpu(peer), tree_cpu_seconds(upstream.pid)
+        if peer is not None:
+            _settle(peer.pid)
+        cpu1, up1 = _tree_cpu(peer), tree_cpu_seconds(upstream.pid)
     finally:
         if lg.poll() is None:
             lg.kill()
@@ -315,10 +371,10 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
     if not line:
         raise SystemExit(f"loadgen gave no result; see {log}")
     out = json.loads(line)
-    if peer.p.poll() is not None:
+    if peer is not None and peer.p.poll() is not None:
         out["errors"].append(f"{peer.name} exited ({peer.p.returncode})")
     return Result(
-        peer=peer.name, scenario=scenario, repeat=repeat, streams=load.streams,
+        peer=name, scenario=scenario, repeat=repeat, streams=load.streams,
         events=out["events"], cpu_s=cpu1 - cpu0, wall_s=out["wall_s"],
         gen_cpu_s=(up1 - up0) + out["cpu_s"],
         other_cpu_s=max(0.0, (busy1 - busy0) + (steal1 - steal0) - (cpu_mid - cpu0))
@@ -328,8 +384,188 @@ def run_load(peer: Proc, port: int, upstream: Proc, load: Load, gen_cpu: int | N
         lat_p50_ms=out.get("ttfb_p50_ms" if load.sequential else "lat_p50_ms"),
         lat_p99_ms=out.get("ttfb_p99_ms" if load.sequential else "lat_p99_ms"),
         errors=out["errors"], offered=load.offered,
-        rss_kib_per_stream=(peak[0] - rss0) / load.streams if load.rss else None,
+        rss_kib_per_stream=(peak[0] - rss0) / load.streams
+        if load.rss and peer is not None else None,
     )
+
+
+# -- drain ------------------------------------------------------------------------------------
+
+@dataclass
+class DrainResult:
+    peer: str
+    repeat: int
+    streams: int  # opened by the load client
+    live: int  # of those, live (status 200 and a whole event received) at SIGTERM
+    drain_timeout: float
+    exit_code: int | None  # None: had to be killed
+    exit_s: float | None  # SIGTERM to process exit
+    #: SIGTERM to the last terminal record's ``ended_at`` (the journal's wall clock): the rest
+    #: of ``exit_s`` is the process winding down after every record was persisted
+    last_record_s: float | None
+    open_s: float | None  # time to get every stream live
+    endings: dict[str, int]  # how the client saw its streams end (loadgen.py --drain)
+    refused: int  # opens refused with 503 (keepstream under load) and retried by the client
+    journal: bool  # False: the peer has no journal to check (keepstream-none)
+    records: int | None = None
+    terminal: int | None = None
+    exact: int | None = None  # records whose body is a byte-exact prefix of the upstream's
+    missing: int | None = None  # client streams without a record
+    statuses: dict[str, int] | None = None
+    client_bytes: int = 0
+    journal_bytes: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def _journal_file(argv: list[str]) -> Path | None:
+    """The SQLite file of a keepstream command line's ``--journal``, else None."""
+    if "--journal" in argv:
+        url = argv[argv.index("--journal") + 1]
+        if url.startswith("sqlite:///"):
+            return Path(url[len("sqlite:///"):])
+    return None
+
+
+def _wait_exit(p: subprocess.Popen[bytes], limit: float) -> tuple[int | None, float]:
+    """Wait (precisely: a pidfd, not a polling loop) up to ``limit`` s for ``p`` to exit:
+    (returncode or None, monotonic time it exited or gave up)."""
+    fd = os.pidfd_open(p.pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], limit)
+        t = time.monotonic()
+    finally:
+        os.close(fd)
+    if not ready:
+        return None, t
+    return p.wait(), t
+
+
+def check_journal(path: Path, detail: list[dict[str, Any]], d: DrainResult,
+                  sigterm_wall: float) -> None:
+    """Read the journal (read-only, after the exit) into ``d``: every record terminal, its body
+    contiguous, as long as its ``bytes`` column, a byte-exact prefix of the upstream's body and
+    no shorter than what its client received; every live client stream has a record. (Opens
+    refused with 503 leave records too: terminal, with no body.)"""
+    if not path.exists():
+        d.errors.append(f"no journal at {path}")
+        return
+    client = {str(c["id"]): c for c in detail if c.get("id")}
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT id, status, bytes, ended_at FROM streams").fetchall()
+        d.records, d.terminal, d.exact, d.journal_bytes, d.statuses = len(rows), 0, 0, 0, {}
+        ended = [r[3] for r in rows if r[3] is not None]
+        d.last_record_s = max(ended) - sigterm_wall if ended else None
+        bad: list[str] = []
+        for sid, status, nbytes, _ in rows:
+            d.statuses[status] = d.statuses.get(status, 0) + 1
+            d.terminal += status != "open"
+            body = bytearray()
+            for offset, data in con.execute(
+                    "SELECT offset, data FROM chunks WHERE stream_id = ? ORDER BY offset",
+                    (sid,)):
+                if offset != len(body):
+                    bad.append(f"{sid}: chunk at {offset}, want {len(body)}")
+                    break
+                body += data
+            d.journal_bytes += len(body)
+            c = client.get(sid)
+            why = None
+            if len(body) != nbytes:
+                why = f"body {len(body)} bytes, bytes column {nbytes}"
+            elif not is_upstream_prefix(body):
+                why = "body is not a prefix of the upstream's bytes"
+            elif c is not None and c["bytes"] > len(body):
+                why = f"client received {c['bytes']} bytes, journal has {len(body)}"
+            elif c is not None and isinstance(c.get("reconnect"), dict):
+                rc = c["reconnect"]
+                if rc.get("keepstream_id") != sid or rc.get("status") != status:
+                    why = f"reconnect event {rc} does not match the record ({status})"
+            if why:
+                bad.append(f"{sid}: {why}")
+            else:
+                d.exact += 1
+    finally:
+        con.close()
+    ids = {r[0] for r in rows}
+    d.missing = sum(1 for c in detail if c["live"] and c.get("id") not in ids)
+    if d.terminal != d.records:
+        d.errors.append(f"{d.records - d.terminal} record(s) not terminal: {d.statuses}")
+    if bad:
+        d.errors.append(f"{len(bad)} record(s) not byte-exact, e.g. {bad[:2]}")
+    if d.missing:
+        d.errors.append(f"{d.missing} live client stream(s) without a record")
+
+
+def run_drain(name: str, up_url: str, args: argparse.Namespace, work: Path,
+              proxy_cpu: int | None, gen_cpu: int | None, repeat: int, log: Path) -> DrainResult:
+    """A fresh keepstream (its own journal), ``--drain-streams`` live streams, SIGTERM."""
+    base, _, src = name.partition("@")
+    load = SCENARIOS["drain"].load(args)
+    port = _free_port()
+    safe = name.replace("/", "_")
+    make_argv = PEERS[base].argv
+    assert make_argv is not None  # drain peers are keepstream command lines
+    argv = make_argv(f"127.0.0.1:{port}", up_url, work / f"drain-{safe}-{repeat}")
+    argv += ["--drain-timeout", f"{args.drain_timeout:g}"]
+    journal = _journal_file(argv)
+    d = DrainResult(peer=name, repeat=repeat, streams=load.streams, live=0,
+                    drain_timeout=args.drain_timeout, exit_code=None, exit_s=None,
+                    last_record_s=None, open_s=None, endings={}, refused=0,
+                    journal=journal is not None)
+    proc = Proc(f"{name} (drain)", argv, work / f"{safe}-drain-{repeat}.log", proxy_cpu,
+                env=_peer_env(src))
+    lg = None
+    out: dict[str, Any] = {}
+    try:
+        _wait_port(proc, port)
+        open_timeout = load.timeout  # to get every stream live
+        with log.open("ab") as errf:
+            lg = subprocess.Popen(
+                [PY, str(HERE / "loadgen.py"), "--drain", "--target", f"127.0.0.1:{port}",
+                 "--path", load.path, "--streams", str(load.streams),
+                 "--open-timeout", f"{open_timeout:g}",
+                 "--timeout", f"{open_timeout + args.drain_timeout + 60:g}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
+                preexec_fn=_pinned(gen_cpu), cwd=HERE.parent)
+        assert lg.stdout is not None
+        first = lg.stdout.readline().split()
+        if len(first) != 2 or first[0] != b"OPEN":
+            d.errors.append(f"loadgen --drain failed to open its streams; see {log}")
+            return d
+        t0, sigterm_wall = time.monotonic(), time.time()
+        proc.p.send_signal(signal.SIGTERM)
+        d.exit_code, t1 = _wait_exit(proc.p, args.drain_timeout + 30)
+        d.exit_s = t1 - t0 if d.exit_code is not None else None
+        if d.exit_code is None:
+            d.errors.append(f"{name} did not exit within {args.drain_timeout + 30:g} s of "
+                            "SIGTERM: killed")
+            proc.p.kill()
+            proc.p.wait()
+        line = lg.stdout.readline()
+        lg.wait()
+        if not line:
+            d.errors.append(f"loadgen --drain gave no result; see {log}")
+            return d
+        out = json.loads(line)
+    finally:
+        if lg is not None:
+            if lg.poll() is None:
+                lg.kill()
+                lg.wait()
+            if lg.stdout is not None:
+                lg.stdout.close()
+        proc.stop()
+    detail: list[dict[str, Any]] = out["detail"]
+    d.live, d.open_s, d.endings = out["live"], out["open_s"], out["endings"]
+    d.refused = out["refused"]
+    d.client_bytes = sum(c["bytes"] for c in detail)
+    d.errors += out["errors"]
+    if d.live != d.streams:
+        d.errors.append(f"only {d.live} of {d.streams} streams were live at SIGTERM")
+    if journal is not None:
+        check_journal(journal, detail, d, sigterm_wall)
+    return d
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -376,7 +612,7 @@ def summarize(results: list[Result], peers: list[str], scenarios: list[str]) -> 
             rows.append(Row(
                 peer=peer, scenario=sc, streams=rs[0].streams, events=rs[0].events,
                 cpu_us=med, cpu_lo=min(cpu), cpu_hi=max(cpu),
-                ratio=med / base_med if base_med else None,
+                ratio=med / base_med if base_med and peer != DIRECT else None,
                 events_per_s=_median([r.events_per_s for r in rs]),
                 proxy_cpu_pct=_median([100 * r.cpu_s / r.wall_s for r in rs]),
                 gen_cpu_pct=_median([100 * r.gen_cpu_s / r.wall_s for r in rs]),
@@ -389,6 +625,14 @@ def summarize(results: list[Result], peers: list[str], scenarios: list[str]) -> 
                 if any(r.rss_kib_per_stream is not None for r in rs) else None,
             ))
     return rows
+
+
+def _align(head: list[str], body: list[list[str]], left: int = 2) -> str:
+    """Columns padded to width; the first ``left`` columns left-aligned, the rest right."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    return "\n".join("  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in
+                               enumerate(zip(line, widths, strict=True)))
+                     for line in [head, *body])
 
 
 def format_table(rows: list[Row]) -> str:
@@ -404,30 +648,169 @@ def format_table(rows: list[Row]) -> str:
         f"{r.p99:.2f}" if r.p99 is not None else "-",
         f"{r.rss_kib_per_stream:.1f}" if r.rss_kib_per_stream is not None else "-",
     ] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in
-                       enumerate(zip(head, widths, strict=True)))]
-    lines += ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in
-                        enumerate(zip(b, widths, strict=True))) for b in body]
-    return "\n".join(lines)
+    return _align(head, body)
 
 
-def ratio_lines(rows: list[Row], subject: str = "keepstream-sqlite") -> list[str]:
-    """``subject``'s CPU per event over every other peer's, per scenario (same run)."""
+def _opt(v: object) -> str:
+    return "-" if v is None else str(v)
+
+
+def format_drain(drains: list[DrainResult]) -> str:
+    head = ["proxy", "run", "streams", "live", "records", "terminal", "byte-exact", "missing",
+            "client endings", "exit code", "exit s", "last record s", "drain_timeout",
+            "open s", "refused", "journal KiB"]
+    body = [[
+        d.peer, str(d.repeat + 1), str(d.streams), str(d.live), _opt(d.records),
+        _opt(d.terminal), _opt(d.exact), _opt(d.missing),
+        " ".join(f"{k} {v}" for k, v in sorted(d.endings.items())) or "-",
+        _opt(d.exit_code), f"{d.exit_s:.2f}" if d.exit_s is not None else "-",
+        f"{d.last_record_s:.2f}" if d.last_record_s is not None else "-",
+        f"{d.drain_timeout:g}", f"{d.open_s:.1f}" if d.open_s is not None else "-",
+        str(d.refused),
+        f"{d.journal_bytes / 1024:,.0f}" if d.journal_bytes is not None else "-",
+    ] for d in drains]
+    return _align(head, body, left=1)
+
+
+def _row(rows: list[Row], scenario: str, peer: str) -> Row | None:
+    return next((r for r in rows if r.scenario == scenario and r.peer == peer), None)
+
+
+#: Scenarios whose p50/p99 are per-event latencies (upstream write to client read): there,
+#: every peer's latency minus ``direct``'s is its added latency.
+LATENCY_SCENARIOS = ("paced",)
+
+
+def added_latency(rows: list[Row]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{scenario: {peer: (added p50 ms, added p99 ms)}}: each peer's median p50/p99 minus
+    ``direct``'s of the same run."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for sc in LATENCY_SCENARIOS:
+        d = _row(rows, sc, DIRECT)
+        if d is None or d.p50 is None or d.p99 is None:
+            continue
+        out[sc] = {r.peer: (r.p50 - d.p50, r.p99 - d.p99) for r in rows
+                   if r.scenario == sc and r.peer != DIRECT and r.p50 is not None
+                   and r.p99 is not None}
+    return out
+
+
+def ratio_lines(rows: list[Row], subject: str = SUBJECT) -> list[str]:
+    """``subject``'s CPU per event over every other peer's, per scenario (same run), and every
+    peer's added latency over ``direct`` (``subject`` first)."""
     out = []
     for sc in dict.fromkeys(r.scenario for r in rows):
-        mine = next((r for r in rows if r.scenario == sc and r.peer == subject), None)
+        mine = _row(rows, sc, subject)
         if mine is None:
             continue
         parts = [f"{r.peer} {mine.cpu_us / r.cpu_us:.2f}x" for r in rows
                  if r.scenario == sc and r.peer != subject and r.cpu_us > 0]
         if parts:
             out.append(f"{subject} cpu/event vs each peer, {sc}: " + ", ".join(parts))
+    for sc, per_peer in added_latency(rows).items():
+        order = sorted(per_peer, key=lambda p: p != subject)
+        if subject in per_peer:
+            p50, p99 = per_peer[subject]
+            out.append(f"{subject} added latency over {DIRECT}, {sc}: p50 {p50:.2f} ms, "
+                       f"p99 {p99:.2f} ms")
+        out.append(f"added latency over {DIRECT}, {sc} (p50 / p99 ms): " + ", ".join(
+            f"{p} {per_peer[p][0]:.2f} / {per_peer[p][1]:.2f}" for p in order))
     return out
 
 
-#: (scenario, peer, max ratio vs BASELINE): the targets of the performance issue.
-TARGETS = [("bulk", "keepstream-sqlite", 0.5), ("paced", "keepstream-sqlite", 1.0)]
+# -- targets ----------------------------------------------------------------------------------
+
+Verdict = tuple[str, bool] | None  # (figure and limit as text, met); None: not measured
+
+
+@dataclass(frozen=True)
+class Target:
+    """One acceptance criterion for ``SUBJECT``: ``test(subject_row, peer_rows, drains)``.
+    ``peers`` must be in the run (else the target is skipped with a note); a target whose
+    scenario did not run is left out silently."""
+
+    scenario: str
+    issue: int
+    peers: tuple[str, ...]
+    test: Callable[[Row | None, dict[str, Row], list[DrainResult]], Verdict]
+
+
+def _vs_minimal(limit: float) -> Callable[[Row | None, dict[str, Row], list[DrainResult]],
+                                          Verdict]:
+    def test(s: Row | None, p: dict[str, Row], _: list[DrainResult]) -> Verdict:
+        if s is None or not p[BASELINE].cpu_us > 0:
+            return None
+        ratio = s.cpu_us / p[BASELINE].cpu_us
+        return f"cpu/event {ratio:.2f}x {BASELINE} (limit {limit:g}x)", ratio <= limit
+    return test
+
+
+def _cpu_limit(limit: float, unit: str, strict: bool = False
+               ) -> Callable[[Row | None, dict[str, Row], list[DrainResult]], Verdict]:
+    def test(s: Row | None, _: dict[str, Row], __: list[DrainResult]) -> Verdict:
+        if s is None:
+            return None
+        hit = s.cpu_us < limit if strict else s.cpu_us <= limit
+        return f"cpu {s.cpu_us:,.1f} us/{unit} (limit {'<' if strict else '<='} {limit:g})", hit
+    return test
+
+
+def _cpu_vs_aiohttp(s: Row | None, p: dict[str, Row], _: list[DrainResult]) -> Verdict:
+    a = p["aiohttp"].cpu_us
+    if s is None or not a > 0:
+        return None
+    return (f"cpu/event {s.cpu_us:.1f} us, aiohttp {a:.1f} us ({s.cpu_us / a:.2f}x, limit 1x)",
+            s.cpu_us <= a)
+
+
+def _added_p99(s: Row | None, p: dict[str, Row], _: list[DrainResult]) -> Verdict:
+    base = p[DIRECT].p99
+    if s is None or s.p99 is None or base is None:
+        return None
+    added = s.p99 - base
+    return f"added latency p99 {added:.2f} ms over {DIRECT} (limit < 5 ms)", added < 5.0
+
+
+def _idle_rss(s: Row | None, _: dict[str, Row], __: list[DrainResult]) -> Verdict:
+    if s is None or s.rss_kib_per_stream is None:
+        return None
+    return (f"rss {s.rss_kib_per_stream:.1f} KiB per open stream (limit <= 20)",
+            s.rss_kib_per_stream <= 20.0)
+
+
+def _ttfb_p50(s: Row | None, p: dict[str, Row], _: list[DrainResult]) -> Verdict:
+    a = p["aiohttp"].p50
+    if s is None or s.p50 is None or a is None:
+        return None
+    return f"TTFB p50 {s.p50:.2f} ms, aiohttp {a:.2f} ms (limit: no more)", s.p50 <= a
+
+
+def _drain_ok(_: Row | None, __: dict[str, Row], drains: list[DrainResult]) -> Verdict:
+    ds = [d for d in drains if d.peer == SUBJECT]
+    if not ds:
+        return None
+    bad = [d for d in ds if d.errors or d.exit_code != 0 or d.exit_s is None
+           or d.exit_s > d.drain_timeout + 1.0]
+    worst = max((d.exit_s for d in ds if d.exit_s is not None), default=float("nan"))
+    return (f"{len(ds) - len(bad)} of {len(ds)} run(s) with every record terminal and "
+            f"byte-exact and exit 0 within drain_timeout + 1 s (slowest exit {worst:.2f} s, "
+            f"drain_timeout {ds[0].drain_timeout:g} s)", not bad)
+
+
+TARGETS = [
+    # issue 2
+    Target("bulk", 2, (BASELINE,), _vs_minimal(0.5)),
+    Target("paced", 2, (BASELINE,), _vs_minimal(1.0)),
+    # issue 8 (journal SQLite, one worker, same run as the peers)
+    Target("bulk", 8, (), _cpu_limit(2.0, "event")),
+    Target("paced", 8, ("aiohttp",), _cpu_vs_aiohttp),
+    Target("paced", 8, (DIRECT,), _added_p99),
+    Target("idle", 8, (), _idle_rss),
+    Target("idle", 8, ("aiohttp",), _cpu_vs_aiohttp),
+    Target("ttfb", 8, ("aiohttp",), _ttfb_p50),
+    Target("ttfb", 8, (), _cpu_limit(600.0, "request", strict=True)),
+    Target("drain", 8, (), _drain_ok),
+]
 
 
 def caveats(rows: list[Row], proxy_cpu: int | None) -> list[str]:
@@ -450,17 +833,43 @@ def caveats(rows: list[Row], proxy_cpu: int | None) -> list[str]:
     return out
 
 
-def check_targets(rows: list[Row]) -> tuple[list[str], bool]:
-    lines, ok = [], True
-    for sc, peer, limit in TARGETS:
-        row = next((r for r in rows if r.scenario == sc and r.peer == peer), None)
-        if row is None or row.ratio is None:
+def check_targets(rows: list[Row], drains: list[DrainResult], scenarios: list[str]
+                  ) -> tuple[list[dict[str, Any]], bool]:
+    """Every target of a scenario that ran: met, MISSED, or skipped (a peer not in the run)."""
+    out: list[dict[str, Any]] = []
+    ok = True
+    for t in TARGETS:
+        if t.scenario not in scenarios:
             continue
-        hit = row.ratio <= limit
+        if t.scenario == "drain":
+            subject = None
+            have = any(d.peer == SUBJECT for d in drains)
+        else:
+            subject = _row(rows, t.scenario, SUBJECT)
+            have = subject is not None
+        peers = {p: r for p in t.peers if (r := _row(rows, t.scenario, p)) is not None}
+        missing = ([] if have else [SUBJECT]) + [p for p in t.peers if p not in peers]
+        if missing:
+            out.append({"scenario": t.scenario, "issue": t.issue, "status": "skipped",
+                        "text": f"{', '.join(missing)} not in this run"})
+            continue
+        verdict = t.test(subject, peers, drains)
+        if verdict is None:
+            out.append({"scenario": t.scenario, "issue": t.issue, "status": "skipped",
+                        "text": "figure not measured in this run"})
+            continue
+        text, hit = verdict
         ok &= hit
-        lines.append(f"target {sc}: {peer} at {row.ratio:.2f}x {BASELINE} "
-                     f"(limit {limit:g}x): {'met' if hit else 'MISSED'}")
-    return lines, ok
+        out.append({"scenario": t.scenario, "issue": t.issue,
+                    "status": "met" if hit else "MISSED", "text": text})
+    return out, ok
+
+
+def format_targets(targets: list[dict[str, Any]]) -> list[str]:
+    return [f"note: target {t['scenario']} (issue {t['issue']}) skipped: {t['text']}"
+            if t["status"] == "skipped" else
+            f"target {t['scenario']} (issue {t['issue']}): {SUBJECT} {t['text']}: {t['status']}"
+            for t in targets]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -474,15 +883,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "keepstream-sqlite@/tmp/patched/src)")
     p.add_argument("--streams", type=int, default=None,
                    help="concurrent streams (default: 50 bulk, 200 paced)")
-    p.add_argument("--events", type=int, default=2000, help="bulk: events per stream")
-    p.add_argument("--duration", type=float, default=10.0, help="paced: seconds per stream")
+    p.add_argument("--events", type=int, default=20000, help="bulk: events per stream")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="paced and idle: seconds per stream")
     p.add_argument("--rate", type=float, default=50.0, help="paced: events/s per stream")
     p.add_argument("--requests", type=int, default=500, help="ttfb: sequential requests")
     p.add_argument("--idle-streams", type=int, default=2000, help="idle: open streams")
+    p.add_argument("--drain-streams", type=int, default=1000,
+                   help="drain: live streams at SIGTERM")
+    p.add_argument("--drain-timeout", type=float, default=2.0,
+                   help="drain: keepstream's --drain-timeout (the exit must come within it "
+                        "+ 1 s)")
     p.add_argument("--repeat", type=int, default=3, help="runs per peer and scenario (median)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny run for CI: 4 streams, few events, 1 repeat; fails only if a "
-                        "peer loses or garbles events")
+                   help="tiny run for CI: 4 streams, few events, a 20-stream drain, 1 repeat; "
+                        "fails only if a peer loses or garbles events or a drain loses a "
+                        "record")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--json", metavar="PATH", help="also write every run's raw figures here")
@@ -493,6 +909,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.streams, args.events, args.duration, args.repeat = 4, 200, 0.4, 1
         args.requests = 10
         args.idle_streams = 20
+        args.drain_streams, args.drain_timeout = 20, 1.0
     return args
 
 
@@ -511,6 +928,10 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("nginx") is None:
         print("note: nginx not installed: no nginx peer in this run", flush=True)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    drain_peers = [n for n in peers if PEERS[n.partition("@")[0]].keepstream]
+    if "drain" in scenarios and len(drain_peers) < len(peers):
+        print(f"note: drain: only keepstream peers take part; skipped: "
+              f"{', '.join(n for n in peers if n not in drain_peers)}", flush=True)
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu = gen_cpu = None
     if not args.no_pin and len(cpus) >= 2:
@@ -522,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
           f"logs in {work}", flush=True)
     procs: list[Proc] = []
     results: list[Result] = []
+    drains: list[DrainResult] = []
     try:
         upstream = Proc("upstream", [PY, str(HERE / "upstream.py")], work / "upstream.log",
                         gen_cpu, stdout_pipe=True)
@@ -530,35 +952,60 @@ def main(argv: list[str] | None = None) -> int:
         first = upstream.p.stdout.readline().split()
         if len(first) != 2 or first[0] != b"PORT":
             raise SystemExit(f"upstream failed to start:\n{upstream.tail()}")
-        up_url = f"http://127.0.0.1:{int(first[1])}"
-        running: dict[str, tuple[Proc, int]] = {}
-        for name in peers:
-            port = _free_port()
-            base, _, src = name.partition("@")
-            proc = Proc(name, PEERS[base].argv(f"127.0.0.1:{port}", up_url, work / f"{port}"),
-                        work / f"{name.replace('/', '_')}.log", proxy_cpu,
-                        env={**({"PYTHONPATH": src} if src else {}),
-                             "KEEPSTREAM_MAX_STREAMS": "20000"})
-            procs.append(proc)
-            running[name] = (proc, port)
-        for proc, port in running.values():
-            _wait_port(proc, port)
+        up_port = int(first[1])
+        up_url = f"http://127.0.0.1:{up_port}"
+        # Long-running peers for the load scenarios; ``direct`` has no process (None).
+        running: dict[str, tuple[Proc | None, int]] = {}
+        if any(not SCENARIOS[sc].drain for sc in scenarios):
+            for name in peers:
+                base, _, src = name.partition("@")
+                make_argv = PEERS[base].argv
+                if make_argv is None:
+                    running[name] = (None, up_port)
+                    continue
+                port = _free_port()
+                proc = Proc(name, make_argv(f"127.0.0.1:{port}", up_url, work / f"{port}"),
+                            work / f"{name.replace('/', '_')}.log", proxy_cpu,
+                            env=_peer_env(src))
+                procs.append(proc)
+                running[name] = (proc, port)
+        for proc_or_none, port in running.values():
+            if proc_or_none is not None:
+                _wait_port(proc_or_none, port)
         log = work / "loadgen.log"
         for sc in scenarios:
             scen = SCENARIOS[sc]
-            for name in peers:  # warm-up: imports, code paths, upstream connection pools
+            if scen.drain:
+                for rep in range(args.repeat):
+                    k = rep % len(drain_peers) if drain_peers else 0
+                    for name in drain_peers[k:] + drain_peers[:k]:
+                        d = run_drain(name, up_url, args, work, proxy_cpu, gen_cpu, rep, log)
+                        drains.append(d)
+                        status = "ok" if not d.errors else f"ERRORS {d.errors}"
+                        exit_s = f"{d.exit_s:.2f} s" if d.exit_s is not None else "-"
+                        print(f"  {sc:6} #{rep + 1} {name:18} {d.live}/{d.streams} live; "
+                              f"records {_opt(d.records)}, terminal {_opt(d.terminal)}, "
+                              f"byte-exact {_opt(d.exact)}; exit {_opt(d.exit_code)} after "
+                              f"{exit_s} (drain_timeout {d.drain_timeout:g} s) {status}",
+                              flush=True)
+                continue
+            assert scen.warmup is not None
+            # warm-up: imports, code paths, upstream connection pools (timing only: the smoke
+            # run, which claims no timing, skips it)
+            for name in [] if args.smoke else peers:
                 proc, port = running[name]
-                w = run_load(proc, port, upstream, scen.warmup(args), gen_cpu, proxy_cpu,
-                             sc, -1, log)
+                w = run_load(name, proc, port, upstream, scen.warmup(args), gen_cpu,
+                             proxy_cpu, sc, -1, log)
                 if w.errors:
                     raise SystemExit(f"{name} failed the {sc} warm-up: {w.errors}\n"
-                                     f"{proc.tail()}")
+                                     f"{proc.tail() if proc is not None else ''}")
             load = scen.load(args)
             for rep in range(args.repeat):
                 k = rep % len(peers)
                 for name in peers[k:] + peers[:k]:
                     proc, port = running[name]
-                    r = run_load(proc, port, upstream, load, gen_cpu, proxy_cpu, sc, rep, log)
+                    r = run_load(name, proc, port, upstream, load, gen_cpu, proxy_cpu, sc,
+                                 rep, log)
                     results.append(r)
                     status = "ok" if not r.errors else f"ERRORS {r.errors}"
                     print(f"  {sc:6} #{rep + 1} {name:18} {r.events:>8} events "
@@ -568,31 +1015,49 @@ def main(argv: list[str] | None = None) -> int:
         for proc in reversed(procs):
             proc.stop()
     rows = summarize(results, peers, scenarios)
-    print()
-    print(format_table(rows))
+    if rows:
+        print()
+        print(format_table(rows))
     for line in ratio_lines(rows):
         print(line)
+    if drains:
+        print()
+        print(format_drain(drains))
     notes = [] if args.smoke else caveats(rows, proxy_cpu)
     if notes:
         print()
         print("\n".join(notes))
     failed = [r for r in results if r.errors]
+    failed_drains = [d for d in drains if d.errors]
+    targets, ok = ([], True) if args.smoke else check_targets(rows, drains, scenarios)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": len(os.sched_getaffinity(0)),
             "args": {k: v for k, v in vars(args).items()},
             "runs": [{**vars(r), "cpu_us_per_event": r.cpu_us_per_event,
                       "events_per_s": r.events_per_s} for r in results],
+            "summary": [asdict(r) for r in rows],
+            "added_latency_ms": {sc: {p: {"p50": v[0], "p99": v[1]} for p, v in per.items()}
+                                 for sc, per in added_latency(rows).items()},
+            "drain": [asdict(d) for d in drains],
+            "targets": targets,
         }, indent=2))
-    if not args.keep and not failed:
+    if not args.keep and not failed and not failed_drains:
         shutil.rmtree(work, ignore_errors=True)
-    if failed:
-        print(f"\n{len(failed)} run(s) lost or garbled events; logs kept in {work}")
+    if failed or failed_drains:
+        if failed:
+            print(f"\n{len(failed)} run(s) lost or garbled events; logs kept in {work}")
+        if failed_drains:
+            print(f"\n{len(failed_drains)} drain run(s) lost a record or an event (see "
+                  f"ERRORS above); logs and journals kept in {work}")
         return 1
     if args.smoke:
         print("\nsmoke run: every peer forwarded every event intact (timings not meaningful)")
+        if drains:
+            print("smoke drain: every record terminal and byte-exact, every client stream's "
+                  "bytes within its record")
         return 0
-    lines, ok = check_targets(rows)
+    lines = format_targets(targets)
     if lines:
         print()
         print("\n".join(lines))

@@ -8,6 +8,10 @@ the behaviour (the request head is read up to the blank line; a body is not expe
     GET /paced?events=N&rate=R    N events, R per second, starting at a random phase within
                                   the first interval (so many streams do not tick in lockstep)
 
+Either path takes ``&ts=0``: every event then carries the timestamp 0 instead of the write
+time, so the body is deterministic (``_bench.upstream_bytes``; the drain scenario checks
+journal bodies against it byte for byte).
+
 Connections are kept alive for further requests until the client closes them.
 
     python benchmarks/upstream.py [--host 127.0.0.1] [--port 0] [--cpu N]
@@ -62,21 +66,27 @@ async def _serve_conn(sock: trio.socket.SocketType) -> None:
             target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
             url = urlsplit(target)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            stamp = q.get("ts") != "0"
             try:
                 if url.path.endswith("/bulk"):
-                    await _bulk(sock, int(q.get("events", "1000")))
+                    await _bulk(sock, int(q.get("events", "1000")), stamp)
                 elif url.path.endswith("/paced"):
-                    await _paced(sock, int(q.get("events", "100")), float(q.get("rate", "50")))
+                    await _paced(sock, int(q.get("events", "100")), float(q.get("rate", "50")),
+                                 stamp)
                 else:
                     await _send_all(sock, _BAD)
             except OSError:
                 return  # the proxy went away
 
 
-async def _bulk(sock: trio.socket.SocketType, n: int) -> None:
+def _zero() -> int:
+    return 0
+
+
+async def _bulk(sock: trio.socket.SocketType, n: int, stamp: bool = True) -> None:
     await _send_all(sock, _HEAD)
     send = sock.send
-    mono = time.monotonic_ns
+    mono = time.monotonic_ns if stamp else _zero
     for seq in range(n):
         chunk = make_chunk(seq, mono())
         sent = await send(chunk)
@@ -85,12 +95,13 @@ async def _bulk(sock: trio.socket.SocketType, n: int) -> None:
     await _send_all(sock, _END)
 
 
-async def _paced(sock: trio.socket.SocketType, n: int, rate: float) -> None:
+async def _paced(sock: trio.socket.SocketType, n: int, rate: float,
+                 stamp: bool = True) -> None:
     await _send_all(sock, _HEAD)
     period = 1.0 / rate
     t0 = trio.current_time() + random.uniform(0, period)
     send = sock.send
-    mono = time.monotonic_ns
+    mono = time.monotonic_ns if stamp else _zero
     for seq in range(n):
         await trio.sleep_until(t0 + seq * period)
         chunk = make_chunk(seq, mono())

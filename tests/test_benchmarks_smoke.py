@@ -1,7 +1,9 @@
-"""The performance suite keeps working: ``benchmarks/run.py --smoke`` runs every peer
-(keepstream with the SQLite journal and with none, the minimal relay) on tiny counts and fails
-if any event is lost or corrupted. No timing is asserted here (timing claims live in the
-benchmarks themselves, docs/performance.md)."""
+"""The performance suite keeps working: ``benchmarks/run.py --smoke`` runs every peer (no proxy
+at all, keepstream with the SQLite journal and with none, the minimal relay, and the aiohttp
+and Starlette relays when installed) through every scenario on tiny counts, and fails if any
+event is lost or corrupted; its drain scenario (SIGTERM with 20 live streams) fails if a record
+is left open, is not byte-exact, or is missing. No timing is asserted here (timing claims live
+in the benchmarks themselves, docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -19,5 +21,9 @@ def test_benchmark_smoke_run_forwards_every_event() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every peer forwarded every event intact" in proc.stdout
-    for peer in ("keepstream-sqlite", "keepstream-none", "minimal"):
+    assert "smoke drain: every record terminal and byte-exact" in proc.stdout
+    for peer in ("direct", "keepstream-sqlite", "keepstream-none", "minimal"):
         assert peer in proc.stdout
+    for scenario in ("bulk", "paced", "idle", "ttfb", "drain"):
+        assert f"  {scenario} " in proc.stdout
+    assert "added latency over direct, paced" in proc.stdout

@@ -125,4 +125,47 @@ async def test_row14_fd_exhaustion(fake_upstream: FakeUpstream, tmp_path: Path) 
     # "Never hung": every storm request got an answer (served, or refused 5xx fast), and
     # every served one has its record (which satisfies J, above).
     assert failed == [], [(r.error, r.send_error) for r in failed]
+    # The upstream is healthy: a refusal is keepstream out of descriptors, a fast 503 (with
+    # Retry-After), never a 502 that blames the upstream.
+    assert all(r.status == 503 for r in refused), sorted(r.status or 0 for r in refused)
     assert len(storm_rows) >= len(served)
+
+
+async def test_no_descriptor_for_the_upstream_is_a_503_then_recovers(
+    fake_upstream: FakeUpstream,
+) -> None:
+    """In-process, the real upstream transport: with this process out of file descriptors a
+    new stream's upstream connect fails on ``socket()`` (EMFILE). That is keepstream's own
+    limit, not the upstream's fault: 503 (Retry-After), reason naming it; once descriptors
+    free up the next stream is served."""
+    import os
+
+    from keepstream import open_proxy
+
+    cfg = Config(server=ServerConfig(bind="127.0.0.1:0"), journal=JournalConfig(url="memory:"),
+                 routes=(Route(prefix="/", upstream=fake_upstream.url),))
+    spec = FakeResponseSpec(events=3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(20):
+        async with open_proxy(cfg) as proxy:
+            hog: list[socket.socket] = []
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE,
+                                   (len(os.listdir("/proc/self/fd")) + 8, hard))
+                try:
+                    while True:
+                        hog.append(socket.socket())
+                except OSError:
+                    pass
+                async with proxy.open_stream("GET", "/x", headers=spec.headers()) as handle:
+                    assert handle.status_code == 503
+                    assert await handle.wait_finished() == "upstream_error"
+            finally:
+                for s in hog:
+                    s.close()
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            row = await proxy.supervisor.writer.get(handle.id)
+            assert row is not None and row["reason"].startswith("no local resources")
+            async with proxy.open_stream("GET", "/y", headers=spec.headers()) as again:
+                assert again.status_code == 200
+                assert b"".join([c async for c in again]) == spec.expected_body()

@@ -16,6 +16,7 @@ bounded too). With journal ``none`` a subscriber that falls behind the cap is dr
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from bisect import bisect_right
@@ -39,6 +40,9 @@ log = logging.getLogger("keepstream")
 #: Most bytes one downstream ``send()`` carries when several chunks are waiting.
 MAX_SEND = 16 * 1024
 
+
+#: errno values of a connect that failed on this host's limits, not the upstream's fault.
+_LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: Most the idle deadline may fire after ``idle_timeout`` (see :func:`idle_slack`).
 MAX_IDLE_SLACK = 0.25
@@ -306,7 +310,14 @@ class LiveStream:
             except httpx.TimeoutException as exc:
                 self._fail(Ending.DEADLINE, f"timeout: {exc!r}", 504)
             except httpx.ConnectError as exc:
-                self._fail(Ending.UPSTREAM_FAILED, f"connect failed: {exc}", 502)
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in _LOCAL_EXHAUSTION:
+                    # Our own resources ran out (fd exhaustion), not the upstream: 503 and
+                    # Retry-After, so the client tries again once descriptors free up.
+                    self._fail(Ending.UPSTREAM_FAILED,
+                               f"no local resources for the upstream connection: {cause}", 503)
+                else:
+                    self._fail(Ending.UPSTREAM_FAILED, f"connect failed: {exc}", 502)
             except (httpx.HTTPError, OSError) as exc:
                 self._fail(Ending.UPSTREAM_FAILED, f"{type(exc).__name__}: {exc}", 502)
             except Exception as exc:

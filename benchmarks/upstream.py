@@ -22,6 +22,7 @@ prints ``PORT <n>`` on stdout once it listens.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import sys
@@ -83,15 +84,31 @@ def _zero() -> int:
     return 0
 
 
+#: Bulk: events written back to back (each its own write() system call) before yielding.
+BURST = 64
+
+
 async def _bulk(sock: trio.socket.SocketType, n: int, stamp: bool = True) -> None:
+    """As fast as the socket takes them, still one chunk per ``write()``: a trio ``send()``
+    per event costs this process about 10 us, which made the upstream, not the proxy, the
+    bottleneck of the bulk scenario (the proxy then read 5 events per wake-up, a paced-like
+    regime). Non-blocking writes in bursts of ``BURST``, a yield between bursts (fair to the
+    other streams), an I/O wait only when the socket is full."""
     await _send_all(sock, _HEAD)
-    send = sock.send
+    fd = sock.fileno()
     mono = time.monotonic_ns if stamp else _zero
-    for seq in range(n):
-        chunk = make_chunk(seq, mono())
-        sent = await send(chunk)
-        if sent != len(chunk):
-            await _send_all(sock, chunk[sent:])
+    seq = 0
+    while seq < n:
+        for _ in range(min(BURST, n - seq)):
+            chunk = make_chunk(seq, mono())
+            try:
+                sent = os.write(fd, chunk)
+            except BlockingIOError:
+                sent = 0
+            seq += 1
+            if sent != len(chunk):
+                await _send_all(sock, chunk[sent:])
+        await trio.sleep(0)
     await _send_all(sock, _END)
 
 

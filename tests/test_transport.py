@@ -18,6 +18,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keepstream import _transport
 from keepstream._transport import FastTransport, _ChunkedDecoder, _framing, _parse_head
 
 # -- the chunked decoder (sans-IO) ------------------------------------------------------------
@@ -82,6 +83,34 @@ def test_decoder_truncated_gives_a_prefix_and_not_done(
     got, dec, _ = _feed_all(_split(wire, cuts))
     assert not dec.done
     assert b"".join(chunks).startswith(got)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=20, max_size=200),
+    crlf_at=st.lists(st.integers(min_value=0, max_value=199), max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=12),
+)
+def test_decoder_long_runs_take_the_fast_path_mid_read(
+    sizes: list[int], crlf_at: list[int], cuts: list[int]
+) -> None:
+    """Many small chunks split into a few reads: reads start inside a chunk, so the decoder
+    goes from its general loop to the fast path and back, and a CRLF inside chunk data (here
+    and there) turns the fast path off for good; the body must come out the same."""
+    chunks = [bytes([65 + i % 26]) * n for i, n in enumerate(sizes)]
+    for i in crlf_at:
+        if i < len(chunks) and len(chunks[i]) >= 2:
+            chunks[i] = b"\r\n" + chunks[i][2:]
+    wire = _encode(chunks, [False], [])
+    saved = _transport._FAST_MIN
+    for fast_min in (0, saved):  # 0: try the fast path after every chunk's end
+        _transport._FAST_MIN = fast_min
+        try:
+            got, dec, rest = _feed_all(_split(wire, cuts))
+        finally:
+            _transport._FAST_MIN = saved
+        assert dec.done and rest == b""
+        assert got == b"".join(chunks)
 
 
 def test_decoder_one_byte_at_a_time() -> None:

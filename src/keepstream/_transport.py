@@ -64,6 +64,8 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _HEXDIGITS = b"0123456789abcdefABCDEF"
+#: Bytes left in a read below which the general loop finishes it (no fast-path attempt).
+_FAST_MIN = 512
 
 
 class _Conn:
@@ -211,6 +213,12 @@ class _ChunkedDecoder:
                     raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after data")
                 pos += 2
                 state = 0
+                if self._fast and n - pos > _FAST_MIN:
+                    # A read usually starts inside a chunk: once that one is done, the rest
+                    # of the read is most likely a run of whole chunks again.
+                    pos += self._fast_path(data[pos:], out)
+                    if pos >= n:
+                        break
             if state == 0:
                 i = find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
                 if i < 0:

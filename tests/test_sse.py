@@ -614,3 +614,30 @@ def test_count_mode_random_chunkings() -> None:
         s = _random_stream(rng)
         _count_vs_feed(_random_chunks(rng, s))
         _count_vs_feed(_random_chunks(rng, s), max_line_bytes=6, max_event_bytes=12)
+
+
+_DATA_LINE = st.tuples(
+    st.sampled_from([b"data:", b"data: "]),
+    st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"x").replace(b"\r", b"y")),
+).map(b"".join)
+_ODD_LINE = st.sampled_from([b"", b"id: 7", b": ping", b"event: e", b"data", b"database: x",
+                             b"data:\r"])
+_DATA_STREAM = st.lists(
+    st.one_of(
+        st.lists(_DATA_LINE, min_size=1, max_size=3).map(lambda ls: b"\n".join(ls) + b"\n\n"),
+        _ODD_LINE.map(lambda line: line + b"\n"),
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stream=_DATA_STREAM, cuts=st.lists(st.integers(0, 2000), max_size=12),
+       small=st.booleans())
+def test_property_count_mode_on_data_only_streams(stream: bytes, cuts: list[int],
+                                                   small: bool) -> None:
+    """The stream shape the proxy sees most (``data:`` lines and blank lines, LF only) takes
+    count()'s C-level path; an odd line here and there (ids, comments, double blanks, fields
+    named like data) sends a chunk back to the line loop. Same results as feed() either way."""
+    caps = {"max_line_bytes": 24, "max_event_bytes": 40} if small else {}
+    _count_vs_feed(split_at(stream, cuts), **caps)

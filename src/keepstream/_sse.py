@@ -256,8 +256,54 @@ class SSEParser:
                 self._buf += tail
                 self._buf_start = self._offset - len(tail)
 
+    def _count_data_only(self, chunk: bytes, pos: int) -> int:
+        """The common case in a few C-level passes, or -1 when it does not apply.
+
+        Applies when ``chunk`` (starting on a fresh line) has only LF line ends, every complete
+        line is a ``data:`` line or blank, no two blank lines follow each other, the first line
+        is not blank, and no line or event can reach a cap within it. Then every blank line
+        ends an event that has data, so the count is the number of blank lines."""
+        if (
+            b"\r" in chunk
+            or chunk[:1] == b"\n"
+            or b"\n\n\n" in chunk
+            or len(chunk) > self._max_line
+            or len(chunk) + self._data_bytes > self._max_event
+        ):
+            return -1
+        last_nl = chunk.rfind(b"\n")
+        if last_nl < 0:
+            return -1
+        complete = chunk[: last_nl + 1]
+        lines = complete.count(b"\n")
+        blanks = complete.count(b"\n\n")
+        data_lines = complete.count(b"\ndata:") + complete.startswith(b"data:")
+        if data_lines + blanks != lines:
+            return -1
+        last_blank = complete.rfind(b"\n\n")
+        if last_blank >= 0:
+            self.events += blanks
+            self.dispatched_id = self.last_id
+            self.boundary = pos + last_blank + 2
+            pending = complete[last_blank + 2 :]
+            data_bytes = 0
+        else:
+            pending = complete
+            data_bytes = self._data_bytes
+        if pending:
+            k = pending.count(b"\n")
+            spaces = pending.count(b"\ndata: ") + pending.startswith(b"data: ")
+            data_bytes += len(pending) - 5 * k - spaces
+        self._data = [b""] if pending or (last_blank < 0 and self._data) else []
+        self._data_bytes = data_bytes
+        self._keep_tail(chunk[last_nl + 1 :])
+        return blanks
+
     def _count(self, chunk: bytes, pos: int) -> int:
         """:meth:`_parse`'s rules, counting instead of building (see :meth:`count`)."""
+        n = self._count_data_only(chunk, pos)
+        if n >= 0:
+            return n
         contents, ends, tail = self._lines(chunk, pos)
         max_line = self._max_line
         max_event = self._max_event

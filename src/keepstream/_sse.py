@@ -80,6 +80,17 @@ def _new_event(data: str, event: str, id: str | None, retry: int | None, end: in
     return e
 
 
+def _field(line: bytes, colon: int) -> tuple[bytes, bytes]:
+    """A field line's name and value (one leading space of the value dropped); ``colon`` is
+    ``line.find(b":")``, never 0 (a comment)."""
+    if colon < 0:
+        return line, b""
+    start = colon + 1
+    if line[start : start + 1] == b" ":
+        start += 1
+    return line[:colon], line[start:]
+
+
 class SSEParser:
     """Incremental ``text/event-stream`` parser. Feed it bytes, get events."""
 
@@ -335,15 +346,7 @@ class SSEParser:
                 if colon == 0:
                     mark = i
                     continue
-                if colon < 0:
-                    name = line
-                    value = b""
-                else:
-                    name = line[:colon]
-                    colon += 1
-                    if line[colon : colon + 1] == b" ":
-                        colon += 1
-                    value = line[colon:]
+                name, value = _field(line, colon)
                 if name == b"id":
                     if b"\x00" not in value:
                         last_id = value.decode("utf-8", "replace")
@@ -419,15 +422,7 @@ class SSEParser:
                 if colon == 0:
                     out.append(Comment(line[1:].decode("utf-8", "replace"), end))
                     continue
-                if colon < 0:
-                    name = line
-                    value = b""
-                else:
-                    name = line[:colon]
-                    colon += 1
-                    if line[colon : colon + 1] == b" ":
-                        colon += 1
-                    value = line[colon:]
+                name, value = _field(line, colon)
                 if name == b"event":
                     event_type = value.decode("utf-8", "replace")
                     continue

@@ -34,7 +34,12 @@ from ._proxy import Proxy, open_proxy
 HARD_EXIT_LEAD = 0.25
 
 
-def create_listen_socket(config: Config, backlog: int = 1024) -> socket.socket:
+#: Listen backlog (the kernel caps it at net.core.somaxconn): a burst of thousands of clients
+#: (reconnecting after a deploy, say) must not overflow it; 1,024 did with 9,500.
+BACKLOG = 4096
+
+
+def create_listen_socket(config: Config, backlog: int = BACKLOG) -> socket.socket:
     """The listening socket, created by keepstream and handed to Hypercorn.
 
     ``TCP_USER_TIMEOUT`` (inherited by every accepted connection) makes the kernel drop a client
@@ -69,7 +74,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.errorlog = "-"
     hc.loglevel = "WARNING"
     hc.h11_max_incomplete_size = 16 * 1024
-    hc.backlog = 1024
+    hc.backlog = BACKLOG
     return hc
 
 

@@ -282,10 +282,6 @@ class _ChunkedDecoder:
         out.append(b"".join(bodies))
         return sum(lengths) + sum(map(len, sizes)) + 4 * m
 
-    def pending(self) -> int:
-        """Bytes held back (an incomplete size line or CRLF)."""
-        return len(self._buf)
-
 
 class _Body(httpx.AsyncByteStream):
     """The response body; returns its connection to the pool when read to a clean end."""

@@ -261,31 +261,6 @@ async def test_timeout_zero_holds_the_connection_until_removed(
         assert await read_exact(pair.server, 8) == b"and back"
 
 
-async def test_timeout_closes_after_the_timeout(proxy: FaultProxy, pair: Pair) -> None:
-    with trio.fail_after(5):
-        start = trio.current_time()
-        proxy.add_toxic("timeout", timeout=200)
-        await pair.server.send_all(b"dropped")
-        received, _ = await read_to_end(pair.client)
-        elapsed = trio.current_time() - start
-    assert received == b""
-    assert 0.2 <= elapsed < 0.6
-    assert proxy.open_connections() == 0
-
-
-async def test_slow_close_delays_the_close(proxy: FaultProxy, pair: Pair) -> None:
-    proxy.add_toxic("slow_close", delay=300)
-    with trio.fail_after(5):
-        await pair.server.send_all(b"last words")
-        start = trio.current_time()
-        pair.server.socket.close()
-        assert await read_exact(pair.client, 10) == b"last words"
-        assert trio.current_time() - start < 0.1  # the data is not delayed
-        assert await pair.client.receive_some(10) == b""
-        elapsed = trio.current_time() - start
-    assert 0.3 <= elapsed < 0.7
-
-
 async def test_upstream_slicer_makes_every_read_at_the_target_one_byte(
     proxy: FaultProxy, pair: Pair
 ) -> None:
@@ -318,31 +293,44 @@ async def test_upstream_bandwidth_limits_the_rate_to_the_target(
     assert 0.35 <= elapsed < 1.0
 
 
-async def test_upstream_slow_close_delays_the_clients_eof(proxy: FaultProxy, pair: Pair) -> None:
-    proxy.add_toxic("slow_close", stream="upstream", delay=300)
-    with trio.fail_after(5):
-        await pair.client.send_all(b"last words")
-        start = trio.current_time()
-        await pair.client.send_eof()
-        assert await read_exact(pair.server, 10) == b"last words"
-        assert trio.current_time() - start < 0.1  # the data is not delayed
-        assert await pair.server.receive_some(10) == b""
-        elapsed = trio.current_time() - start
-    assert 0.3 <= elapsed < 0.7
-
-
-async def test_upstream_timeout_drops_the_requests_bytes_then_closes(
-    proxy: FaultProxy, pair: Pair
+@pytest.mark.parametrize("direction", ["downstream", "upstream"])
+async def test_timeout_drops_the_bytes_then_closes(
+    proxy: FaultProxy, pair: Pair, direction: str
 ) -> None:
+    sender, receiver = (
+        (pair.server, pair.client) if direction == "downstream" else (pair.client, pair.server)
+    )
     with trio.fail_after(5):
         start = trio.current_time()
-        proxy.add_toxic("timeout", stream="upstream", timeout=200)
-        await pair.client.send_all(b"dropped")
-        received, _ = await read_to_end(pair.server)
+        proxy.add_toxic("timeout", stream=direction, timeout=200)  # type: ignore[arg-type]
+        await sender.send_all(b"dropped")
+        received, _ = await read_to_end(receiver)
         elapsed = trio.current_time() - start
     assert received == b""
     assert 0.2 <= elapsed < 0.6
     assert proxy.open_connections() == 0
+
+
+@pytest.mark.parametrize("direction", ["downstream", "upstream"])
+async def test_slow_close_delays_the_close(proxy: FaultProxy, pair: Pair, direction: str) -> None:
+    """The bytes pass at once; the sender's close (downstream: the server closes its socket;
+    upstream: the client half-closes) reaches the other side ``delay`` ms later."""
+    proxy.add_toxic("slow_close", stream=direction, delay=300)  # type: ignore[arg-type]
+    sender, receiver = (
+        (pair.server, pair.client) if direction == "downstream" else (pair.client, pair.server)
+    )
+    with trio.fail_after(5):
+        await sender.send_all(b"last words")
+        start = trio.current_time()
+        if direction == "downstream":
+            pair.server.socket.close()
+        else:
+            await pair.client.send_eof()
+        assert await read_exact(receiver, 10) == b"last words"
+        assert trio.current_time() - start < 0.1  # the data is not delayed
+        assert await receiver.receive_some(10) == b""
+        elapsed = trio.current_time() - start
+    assert 0.3 <= elapsed < 0.7
 
 
 async def test_close_without_toxic_is_prompt(pair: Pair) -> None:

@@ -117,14 +117,21 @@ async def test_pass_through_is_byte_exact_with_half_close(pair: Pair) -> None:
         assert await read_to_end(pair.client) == (down, None)
 
 
-async def test_slicer_makes_every_read_one_byte(proxy: FaultProxy, pair: Pair) -> None:
-    proxy.add_toxic("slicer", average_size=1, size_variation=0, delay=20_000)
-    data = b"data: hello world\n\n"
+@pytest.mark.parametrize("direction", ["downstream", "upstream"])
+async def test_slicer_makes_every_read_one_byte(
+    proxy: FaultProxy, pair: Pair, direction: str
+) -> None:
+    proxy.add_toxic("slicer", stream=direction,  # type: ignore[arg-type]
+                    average_size=1, size_variation=0, delay=20_000)
+    sender, receiver = (
+        (pair.server, pair.client) if direction == "downstream" else (pair.client, pair.server)
+    )
+    data = b"data: hello world\n\n" if direction == "downstream" else b"POST / HTTP/1.1\r\n"
     reads: list[bytes] = []
     with trio.fail_after(5):
-        await pair.server.send_all(data)
+        await sender.send_all(data)
         while len(b"".join(reads)) < len(data):
-            reads.append(await pair.client.receive_some(65536))
+            reads.append(await receiver.receive_some(65536))
     assert reads == [bytes([b]) for b in data]
 
 
@@ -259,19 +266,6 @@ async def test_timeout_zero_holds_the_connection_until_removed(
         assert await read_exact(pair.client, 11) == b"flows again"
         await pair.client.send_all(b"and back")
         assert await read_exact(pair.server, 8) == b"and back"
-
-
-async def test_upstream_slicer_makes_every_read_at_the_target_one_byte(
-    proxy: FaultProxy, pair: Pair
-) -> None:
-    proxy.add_toxic("slicer", stream="upstream", average_size=1, size_variation=0, delay=20_000)
-    data = b"POST / HTTP/1.1\r\n"
-    reads: list[bytes] = []
-    with trio.fail_after(5):
-        await pair.client.send_all(data)
-        while len(b"".join(reads)) < len(data):
-            reads.append(await pair.server.receive_some(65536))
-    assert reads == [bytes([b]) for b in data]
 
 
 async def test_upstream_bandwidth_limits_the_rate_to_the_target(

@@ -85,6 +85,11 @@ PEERS: dict[str, Peer] = {
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
                                     "--upstream", up, "--journal",
                                     f"sqlite:///{tmp}-journal.db"], keepstream=True),
+        Peer("keepstream-lean", "keepstream serve --engine lean (its own HTTP/1.1 engine), "
+             "journal sqlite",
+             lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
+                                    "--upstream", up, "--engine", "lean", "--journal",
+                                    f"sqlite:///{tmp}-journal.db"], keepstream=True),
         Peer("keepstream-none", "keepstream serve, journal none",
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
                                     "--upstream", up, "--journal", "none"], keepstream=True),
@@ -103,8 +108,8 @@ PEERS: dict[str, Peer] = {
 BASELINE = "minimal"
 DIRECT = "direct"  # the peer whose latency the "added latency" figures subtract
 SUBJECT = "keepstream-sqlite"  # the peer the ratio lines and the targets are about
-DEFAULT_PEERS = ["direct", "keepstream-sqlite", "keepstream-none", "minimal", "aiohttp",
-                 "starlette"]
+DEFAULT_PEERS = ["direct", "keepstream-sqlite", "keepstream-lean", "keepstream-none", "minimal",
+                 "aiohttp", "starlette"]
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -895,6 +900,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="drain: keepstream's --drain-timeout (the exit must come within it "
                         "+ 1 s)")
     p.add_argument("--repeat", type=int, default=3, help="runs per peer and scenario (median)")
+    p.add_argument("--subject", default=SUBJECT,
+                   help=f"the peer the ratio lines and the targets are about (default {SUBJECT}; "
+                        "keepstream-lean for the lean engine)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for CI: 4 streams, few events, a 20-stream drain, 1 repeat; "
                         "fails only if a peer loses or garbles events or a drain loses a "
@@ -914,7 +922,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SUBJECT
     args = parse_args(argv)
+    SUBJECT = args.subject
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
         if p.partition("@")[0] not in PEERS:
@@ -1018,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print()
         print(format_table(rows))
-    for line in ratio_lines(rows):
+    for line in ratio_lines(rows, SUBJECT):
         print(line)
     if drains:
         print()

@@ -23,6 +23,7 @@ LAYER = {
     "_app": 4,
     "_proxy": 5,
     "_connections": 5,
+    "_h1": 5,
     "_server": 6,
     "_asgi_app": 6,
     "_workers": 7,

@@ -27,6 +27,7 @@ ENV_KEYS = {
     "KEEPSTREAM_WORKERS": ("server", "workers", int),
     "KEEPSTREAM_MAX_STREAMS": ("server", "max_streams", int),
     "KEEPSTREAM_JOURNAL": ("journal", "url", str),
+    "KEEPSTREAM_ENGINE": ("server", "engine", str),
 }
 
 
@@ -52,6 +53,8 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
         server["drain_timeout"] = args.drain_timeout
     if getattr(args, "workers", None) is not None:
         server["workers"] = args.workers
+    if getattr(args, "engine", None):
+        server["engine"] = args.engine
     if getattr(args, "journal", None):
         journal["url"] = args.journal
     routes = list(base.routes)
@@ -93,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--on-disconnect", choices=["finish", "cancel"])
     s.add_argument("--drain-timeout", type=float, metavar="S")
     s.add_argument("--workers", type=int, metavar="N")
+    s.add_argument("--engine", choices=["hypercorn", "lean"],
+                   help="HTTP server: hypercorn (default) or lean (keepstream's own "
+                        "HTTP/1.1 engine: faster, plain HTTP/1.1 only)")
     s.add_argument("--resumable", action="store_true",
                    help="give SSE events ids a reconnecting client can resume from")
 

@@ -67,6 +67,11 @@ class ServerConfig:
     max_headers: int = 100
     credential_header: str = "authorization"
     admin_token_sha256: str = ""  # hex SHA-256 of the admin credential; "" = no admin
+    engine: str = "hypercorn"  # HTTP/1.1 server of `keepstream serve`: "hypercorn" or "lean"
+
+
+#: HTTP servers ``keepstream serve`` can run (``server.engine``; docs/configuration.md).
+ENGINES = ("hypercorn", "lean")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +173,9 @@ class Config:
         _non_negative("journal.retention", j.retention)
         if s.max_streams_per_client < 0:
             raise ConfigError("server.max_streams_per_client", "must be 0 (no limit) or more")
+        if s.engine not in ENGINES:
+            raise ConfigError("server.engine", f"must be one of {', '.join(ENGINES)}, "
+                                               f"not {s.engine!r}")
         if s.max_headers < 1:
             raise ConfigError("server.max_headers", "must be at least 1")
         tok = s.admin_token_sha256

@@ -7,7 +7,8 @@
         └── nursery
             ├── signal receiver: 1st SIGTERM/SIGINT -> drain; 2nd -> interrupt now
             └── serve_connections(app, shutdown_trigger=<drained>)  (Hypercorn's protocols,
-                each connection contained: see _connections.py)
+                each connection contained: see _connections.py), or with
+                ``engine = "lean"`` serve_lean (keepstream's own HTTP/1.1 engine, _h1.py)
 
 The signal task only changes state; each stream persists itself in its own ``finally``.
 Hypercorn's own signal handling is not used (it would cut streams at ``graceful_timeout``).
@@ -28,6 +29,7 @@ from hypercorn.utils import wrap_app
 
 from ._config import Config, parse_bind
 from ._connections import serve_connections
+from ._h1 import serve_lean
 from ._proxy import Proxy, open_proxy
 
 #: The hard exit after a drain comes at least this long before ``stop_grace`` runs out.
@@ -152,10 +154,17 @@ async def run_server(
 
             async def server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 hc = hypercorn_config(config)
-                await serve_connections(
-                    wrap_app(proxy.app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                    hc, listen, shutdown_trigger=drained.wait, task_status=task_status,
-                )
+                if config.server.engine == "lean":
+                    await serve_lean(
+                        proxy.app, listen, keep_alive_timeout=hc.keep_alive_timeout,
+                        graceful_timeout=hc.graceful_timeout, shutdown_trigger=drained.wait,
+                        task_status=task_status,
+                    )
+                else:
+                    await serve_connections(
+                        wrap_app(proxy.app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        hc, listen, shutdown_trigger=drained.wait, task_status=task_status,
+                    )
                 nursery.cancel_scope.cancel()
 
             binds: list[str] = await nursery.start(server)

@@ -1,8 +1,10 @@
-"""Run keepstream in-process on a loopback port (real Hypercorn, real sockets)."""
+"""Run keepstream in-process on a loopback port (real Hypercorn or the lean engine, real
+sockets)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,9 +66,12 @@ async def run_keepstream(config: Config) -> AsyncIterator[RunningKeepstream]:
     """Serve ``config`` on 127.0.0.1 with an ephemeral port for the duration of the block.
 
     ``server.bind`` is replaced by ``127.0.0.1:0``. Leaving the block drains like a SIGTERM.
+    ``KEEPSTREAM_ENGINE`` in the environment (``hypercorn`` or ``lean``) replaces
+    ``server.engine``, as it does for ``keepstream serve``: one suite can run against both.
     """
+    engine = os.environ.get("KEEPSTREAM_ENGINE") or config.server.engine
     config = dataclasses.replace(
-        config, server=dataclasses.replace(config.server, bind="127.0.0.1:0")
+        config, server=dataclasses.replace(config.server, bind="127.0.0.1:0", engine=engine)
     )
     stop = trio.Event()
     body_exc: BaseException | None = None

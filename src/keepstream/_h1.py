@@ -1,0 +1,541 @@
+"""The lean HTTP/1.1 engine: ``keepstream serve --engine lean``.
+
+An ASGI HTTP/1.1 server on trio sockets, for keepstream's own app, with one task per connection
+(the app runs in it; keepstream's disconnect watcher is the only other task that touches the
+connection, and only to read). It exists for speed: under Hypercorn every connection carries a
+``TCPServer``, a task group, an idle task and h11 on both directions, and every response write
+takes a lock and a scheduler pass; the minimal relay on Hypercorn alone costs more CPU per
+request than issue 8's whole budget (docs/performance.md).
+
+What it does, and how it differs from Hypercorn (docs/configuration.md, ``engine``):
+
+* Requests are parsed by h11 (one ``h11.Connection`` per request, fed what the previous one left
+  over), so what h11 refuses is refused the same way: ``error_status_hint`` (400, 431...), an
+  empty body and ``Connection: close``. Heads over 16 KiB are refused.
+* Responses are framed here: ``Content-Length`` when the app gave one, chunked otherwise
+  (HTTP/1.1), close-delimited for HTTP/1.0; no body for HEAD, 1xx, 204 and 304. A write goes
+  out in one non-blocking ``send()``; only what the socket does not take waits (cancellable;
+  a write cut short breaks the connection, which is then closed: never a torn frame followed
+  by another response).
+* ``receive()`` after the request body waits on the socket: EOF, a reset, or the end of the
+  response gives ``http.disconnect``. Pipelined bytes are kept (up to 64 KiB) for the next
+  request.
+* Plain HTTP/1.1 (and 1.0) only: no TLS, no HTTP/2 (its preface gets 505; an ``Upgrade: h2c``
+  is ignored, which RFC 9110 allows), no WebSocket (refused with 403, as keepstream's app
+  refuses it under Hypercorn).
+* A response the app started but did not end closes the connection without the terminating
+  chunk, as under Hypercorn: the client never sees a clean end of a failed stream.
+* Keep-alive: ``keep_alive_timeout`` bounds the wait for the next request's whole head (so a
+  slow-loris head is dropped too). On shutdown, idle connections close at once; busy ones end
+  with ``Connection: close`` after their response, and whatever is still open
+  ``graceful_timeout`` later is cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import unquote
+
+import h11
+import trio
+
+from ._app import Message, Receive, Scope, Send
+
+log = logging.getLogger("keepstream")
+
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Largest request head accepted (Hypercorn's ``h11_max_incomplete_size`` as keepstream sets it).
+MAX_HEAD = 16 * 1024
+#: Pipelined bytes read ahead while a request is in flight; past this, reading pauses.
+MAX_READ_AHEAD = 64 * 1024
+RECV_SIZE = 64 * 1024
+#: Sends in a row that did not yield before one does (so a loop of sends cannot starve others).
+YIELD_EVERY = 32
+
+_REASONS: dict[int, bytes] = {}
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_NO_BODY = frozenset({204, 304})
+_DISCONNECT: Message = {"type": "http.disconnect"}
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _reason(status: int) -> bytes:
+    r = _REASONS.get(status)
+    if r is None:
+        from http import HTTPStatus
+
+        try:
+            r = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            r = b""
+        _REASONS[status] = r
+    return r
+
+
+class _Date:
+    """The ``Date`` header value, formatted once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_date = _Date()
+
+
+class _Server:
+    __slots__ = ("app", "graceful_timeout", "idle", "keep_alive_timeout", "server",
+                 "terminated")
+
+    def __init__(self, app: App, keep_alive_timeout: float, graceful_timeout: float,
+                 server: tuple[str, int] | None) -> None:
+        self.app = app
+        self.keep_alive_timeout = keep_alive_timeout
+        self.graceful_timeout = graceful_timeout
+        self.server = server
+        self.terminated = False
+        self.idle: set[_Connection] = set()  # waiting for a request head
+
+    def terminate(self) -> None:
+        self.terminated = True
+        for conn in list(self.idle):
+            conn.scope.cancel()
+
+
+class _Connection:
+    """One client connection: requests in turn, the app run in this task."""
+
+    __slots__ = (
+        "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
+        "_head_only", "_lock", "_peer_gone", "_recv_scope", "_response_done", "_started",
+        "_unyielded", "client", "fd", "scope", "server", "sock",
+    )
+
+    def __init__(self, server: _Server, sock: trio.socket.SocketType,
+                 client: tuple[str, int] | None) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()  # non-blocking: os.write() never waits
+        self.client = client
+        self.scope = trio.CancelScope()
+        self._lock = trio.Lock()
+        self._unyielded = 0
+        self._peer_gone = False
+        self._h: h11.Connection | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._body_done = False
+        self._continued = False
+        self._broken = False
+        self._started = False
+        self._response_done = False
+        self._chunked = False
+        self._head_only = False
+        self._close = False
+        self._cl_left: int | None = None
+        self._recv_scope: trio.CancelScope | None = None
+
+    # -- the connection's life ------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self._requests()
+        except Exception:
+            # A failure of this server's own code on this connection's bytes: it ends this
+            # connection alone, never the server.
+            log.warning("keepstream: a connection failed in the lean engine; closed it",
+                        exc_info=True)
+        finally:
+            self.sock.close()
+
+    async def _requests(self) -> None:
+        srv = self.server
+        while not srv.terminated:
+            srv.idle.add(self)
+            try:
+                request = await self._next_request()
+            finally:
+                srv.idle.discard(self)
+            if request is None:
+                return
+            if not await self._serve(request):
+                return
+
+    async def _next_request(self) -> h11.Request | None:
+        """The next request head, or None (closed, timed out, refused)."""
+        old = self._h
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if old is not None:
+            leftover, closed = old.trailing_data
+            if leftover:
+                h.receive_data(bytes(leftover))
+            if closed:
+                h.receive_data(b"")
+        self._h = h
+        self._reset()
+        with trio.move_on_after(self.server.keep_alive_timeout):
+            while True:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._refuse(exc.error_status_hint)
+                    return None
+                if event is h11.NEED_DATA:
+                    data = await self._recv()
+                    if data is None:
+                        return None
+                    h.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    return event
+                return None  # ConnectionClosed (PAUSED cannot come before a request)
+        return None  # keep-alive timeout (or a head that never completed)
+
+    async def _recv(self) -> bytes | None:
+        """Bytes from the client, or None when it closed or reset."""
+        try:
+            data: bytes = await self.sock.recv(RECV_SIZE)
+        except OSError:
+            self._peer_gone = True
+            return None
+        if not data:
+            self._peer_gone = True
+            return None
+        return data
+
+    async def _serve(self, request: h11.Request) -> bool:
+        """Run the app for one request; True if the connection can take another."""
+        target = request.target
+        path, _, query = target.partition(b"?")
+        try:
+            text_path = unquote(path.decode("ascii"), errors="strict")
+        except UnicodeDecodeError:
+            await self._refuse(400)
+            return False
+        method = request.method.decode("ascii").upper()
+        headers = list(request.headers)
+        if method == "GET" and _is_websocket(headers):
+            await self._refuse(403)
+            return False
+        version = request.http_version.decode("ascii")
+        if version not in ("1.1", "1.0"):
+            await self._refuse(505)  # h11 parses "PRI * HTTP/2.0" (the HTTP/2 preface) too
+            return False
+        if version != "1.1" or self.server.terminated:
+            self._close = True
+        for name, value in headers:
+            if name == b"connection" and b"close" in value.lower():
+                self._close = True
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": version,
+            "method": method,
+            "scheme": "http",
+            "path": text_path,
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": headers,
+            "client": self.client,
+            "server": self.server.server,
+        }
+        self._head_only = method == "HEAD"
+        try:
+            await self.server.app(scope, self.receive, self.send)
+        except Exception:
+            log.exception("keepstream: the app failed on %s %s", method, text_path)
+            if not self._started and not self._peer_gone:
+                await self._refuse(500)
+                return False
+        if not self._response_done:
+            if not self._started and not self._broken and not self._peer_gone:
+                # An ASGI app that returned without answering (keepstream's does that only
+                # for a client that left, which gets nothing).
+                await self._refuse(500)
+            return False  # started but never ended: cut, no terminating chunk
+        if self._broken or self._close or self._peer_gone:
+            return False
+        # An app that answered without reading all of the body: the next request's start is
+        # unknown, so the connection ends here.
+        return self._finish_body()
+
+    async def _refuse(self, status: int) -> None:
+        """An error answer of the server's own: empty body, connection closed after it."""
+        if self._started:
+            return
+        self._started = self._response_done = True
+        head = b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\ndate: %s\r\n\r\n" % (
+            status, _reason(status), _date())
+        await self._write(head)
+
+    def _finish_body(self) -> bool:
+        """After the app returned: take the rest of the request body if it is already here
+        (an app that never called ``receive()``, e.g. an admin GET). True when the request
+        is fully read, so the connection can take the next one."""
+        h = self._h
+        assert h is not None
+        taken = 0
+        while h.their_state is h11.SEND_BODY and taken <= MAX_READ_AHEAD:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if type(event) is h11.Data:
+                taken += len(event.data)
+                continue
+            if type(event) is not h11.EndOfMessage:
+                return False  # NEED_DATA: the rest is not here; not worth waiting for
+        return h.their_state is h11.DONE
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        if self._response_done or self._broken:
+            return _DISCONNECT
+        h = self._h
+        assert h is not None
+        while not self._body_done:
+            if h.they_are_waiting_for_100_continue and not self._started and \
+                    not self._continued:
+                self._continued = True
+                await self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(exc.error_status_hint)
+                self._broken = True
+                return _DISCONNECT
+            if event is h11.NEED_DATA:
+                data = await self._recv()
+                if data is None:
+                    h.receive_data(b"")  # the next event is then an error: disconnect
+                    self._broken = True
+                    return _DISCONNECT
+                h.receive_data(data)
+                continue
+            if type(event) is h11.Data:
+                return {"type": "http.request", "body": bytes(event.data), "more_body": True}
+            if type(event) is h11.EndOfMessage:
+                self._body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            self._broken = True  # ConnectionClosed mid-body
+            return _DISCONNECT
+        # The body is in: wait for the client to leave (or the response to end).
+        scope = trio.CancelScope()
+        self._recv_scope = scope
+        with scope:
+            while not self._response_done:
+                buffered = len(h.trailing_data[0])
+                if buffered >= MAX_READ_AHEAD:
+                    await trio.sleep_forever()  # until the response ends (scope cancelled)
+                data = await self._recv()
+                if data is None:
+                    return _DISCONNECT
+                h.receive_data(data)  # pipelined: the next request's bytes
+        self._recv_scope = None
+        return _DISCONNECT
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not self._started or self._response_done:
+                raise RuntimeError("http.response.body out of order")
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self._head_only:
+                out = b""
+            elif self._chunked:
+                out = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+                if not more:
+                    out += b"0\r\n\r\n"
+            else:
+                out = body
+                if self._cl_left is not None:
+                    self._cl_left -= len(body)
+                    if self._cl_left < 0 or (not more and self._cl_left):
+                        self._broken = True  # more or less than Content-Length said
+                        out = b""
+            if not more:
+                self._response_done = True
+                if self._recv_scope is not None:
+                    self._recv_scope.cancel()
+                if self._cl_left is None and not self._chunked and not self._head_only:
+                    self._close = True  # close-delimited body
+            if out:
+                await self._write(out)
+            elif not more:
+                await self._yield()
+            return
+        if kind == "http.response.start":
+            if self._started:
+                raise RuntimeError("http.response.start sent twice")
+            head = self._head(message["status"], message.get("headers", ()))
+            self._started = True
+            await self._write(head)
+            return
+        raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        length: int | None = None
+        for name, value in headers:
+            name = bytes(name)
+            value = bytes(value)
+            low = name.lower()
+            if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+                raise RuntimeError(f"invalid response header {name!r}")
+            if low == b"content-length":
+                if not value.isdigit():
+                    raise RuntimeError("invalid Content-Length")
+                length = int(value)
+                continue
+            elif low == b"transfer-encoding":
+                continue  # framing is the server's
+            elif low == b"connection":
+                if b"close" in value.lower():
+                    self._close = True
+                continue
+            lines.append(b"%b: %b\r\n" % (name, value))
+        no_body = status < 200 or status in _NO_BODY
+        if no_body:
+            self._head_only = True
+        elif length is not None:
+            lines.append(b"content-length: %d\r\n" % length)
+            if not self._head_only:
+                self._cl_left = length
+        elif self._h is not None and self._h.their_http_version == b"1.0":
+            self._close = True  # close-delimited
+        else:
+            lines.append(b"transfer-encoding: chunked\r\n")
+            self._chunked = not self._head_only
+        if self._close or self.server.terminated:
+            self._close = True
+            lines.append(b"connection: close\r\n")
+        lines.append(b"date: %b\r\n\r\n" % _date())
+        return b"".join(lines)
+
+    async def _write(self, data: bytes) -> None:
+        """Write all of ``data``. Never raises for a client that left (ASGI servers do not):
+        the connection is marked broken and later writes are dropped."""
+        if self._broken:
+            await self._yield()
+            return
+        if not self._lock.locked():
+            try:
+                sent = os.write(self.fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._broken = True
+                self._peer_gone = True
+                await self._yield()
+                return
+            if sent == len(data):
+                await self._yield()
+                return
+            data = data[sent:]
+        async with self._lock:
+            view = memoryview(data)
+            try:
+                while view and not self._broken:
+                    await trio.lowlevel.wait_writable(self.fd)
+                    try:
+                        sent = os.write(self.fd, view)
+                    except BlockingIOError:
+                        continue
+                    view = view[sent:]
+            except OSError:
+                self._broken = True
+                self._peer_gone = True
+            except BaseException:
+                self._broken = True  # cancelled mid-write: the framing is torn
+                raise
+        self._unyielded = 0
+
+    async def _yield(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+
+def _is_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"upgrade" and value.strip().lower() == b"websocket":
+            return True
+    return False
+
+
+async def serve_lean(
+    app: App,
+    sock: socket.socket,
+    *,
+    keep_alive_timeout: float,
+    graceful_timeout: float,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``sock`` (listening, non-blocking) until ``shutdown_trigger`` returns; then stop
+    accepting, close idle connections and give busy ones ``graceful_timeout`` to finish."""
+    listener = trio.socket.from_stdlib_socket(sock)
+    name = sock.getsockname()
+    host, port = name[0], name[1]
+    server = _Server(app, keep_alive_timeout, graceful_timeout, (host, port))
+    shown = f"[{host}]" if ":" in host else host
+    binds = [f"http://{shown}:{port}"]
+
+    async with trio.open_nursery() as connections:
+
+        async def accept_loop() -> None:
+            while True:
+                try:
+                    client, addr = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RETRY:
+                        # The wording of trio.serve_listeners' message, which the Hypercorn
+                        # engine logs in the same case.
+                        log.warning("accept returned %s (%s); retrying in 0.1 seconds",
+                                    errno.errorcode.get(exc.errno or 0, exc.errno),
+                                    os.strerror(exc.errno or 0))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                try:
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+                peer = (addr[0], addr[1]) if isinstance(addr, tuple) else None
+                connections.start_soon(_Connection(server, client, peer).run)
+
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(accept_loop)
+            task_status.started(binds)
+            await shutdown_trigger()
+            accepting.cancel_scope.cancel()
+        server.terminate()
+        connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
+
+
+__all__ = ["serve_lean"]

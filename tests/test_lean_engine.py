@@ -1,0 +1,416 @@
+"""The lean HTTP/1.1 engine (``server.engine = "lean"``, ``_h1.py``) on real loopback sockets.
+
+Its own framing, keep-alive, refusals and shutdown are tested here with small ASGI apps (so each
+test controls exactly what the app does); keepstream's behaviour on top of it is tested by the
+rest of the suite, which runs under either engine (``KEEPSTREAM_ENGINE=lean``, as `.ci/run`
+does for the fault matrix).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from keepstream import ServerConfig
+from keepstream._h1 import serve_lean
+from keepstream.testing import FakeUpstream, chaos_request, run_keepstream
+
+from .conftest import make_config
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+@asynccontextmanager
+async def lean(app: App, *, keep_alive: float = 5.0,
+               graceful: float = 1.0) -> AsyncIterator[tuple[int, trio.Event]]:
+    """Serve ``app`` with the lean engine on 127.0.0.1; yields (port, stop event)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    stop = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_lean(
+                app, sock, keep_alive_timeout=keep_alive, graceful_timeout=graceful,
+                shutdown_trigger=stop.wait, task_status=task_status))
+            yield sock.getsockname()[1], stop
+            stop.set()
+    finally:
+        sock.close()
+
+
+async def read_until_closed(stream: trio.SocketStream, limit: float = 5.0) -> bytes:
+    """Everything until the server closes; then closes our side too."""
+    data = b""
+    try:
+        with trio.fail_after(limit):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    finally:
+        await stream.aclose()
+    return data
+
+
+async def read_response(stream: trio.SocketStream, buf: bytearray) -> bytes:
+    """One response (head + Content-Length or chunked body) from ``stream``; the rest stays
+    in ``buf``."""
+    async def more() -> None:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"closed early; got {bytes(buf)!r}"
+        buf.extend(chunk)
+
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in buf:
+            await more()
+        head, _, _ = bytes(buf).partition(b"\r\n\r\n")
+        end = len(head) + 4
+        low = head.lower()
+        if b"transfer-encoding: chunked" in low:
+            while b"\r\n0\r\n\r\n" not in buf[end - 2:]:
+                await more()
+            end = buf.index(b"\r\n0\r\n\r\n", end - 2) + 7
+        else:
+            length = 0
+            for line in low.split(b"\r\n")[1:]:
+                if line.startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            while len(buf) < end + length:
+                await more()
+            end += length
+        out = bytes(buf[:end])
+        del buf[:end]
+        return out
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    """Echo the method, path and body, with Content-Length."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+    out = f"{scope['method']} {scope['path']} {scope['query_string'].decode()} ".encode() + body
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})
+
+
+async def test_keep_alive_and_pipelining_in_order() -> None:
+    async with lean(hello) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        reqs = b"".join(
+            b"POST /p%d?q=%d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab%d" % (i, i, i)
+            for i in range(5))
+        await stream.send_all(reqs)  # all five at once: pipelined
+        buf = bytearray()
+        for i in range(5):
+            resp = await read_response(stream, buf)
+            assert resp.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert resp.endswith(b"POST /p%d q=%d ab%d" % (i, i, i)), resp
+            assert resp.lower().count(b"content-length:") == 1
+        # The same connection takes a sixth, later request.
+        await stream.send_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(stream, buf)).endswith(b"GET /again  ")
+        await stream.aclose()
+
+
+async def test_chunked_response_and_head_and_no_body_statuses() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        status = int(scope["path"][1:])
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"x-a", b"1"), (b"transfer-encoding", b"gzip")]})
+        await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        await send({"type": "http.response.body", "body": b" world", "more_body": False})
+
+    async with lean(app) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        buf = bytearray()
+        await stream.send_all(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await read_response(stream, buf)
+        head, _, body = resp.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head and b"gzip" not in head  # framing is ours
+        assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        # HEAD: the same head, no body, and the connection stays usable.
+        await stream.send_all(b"HEAD /200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in buf:
+                buf.extend(await stream.receive_some(65536))
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and rest == b""
+        buf.clear()
+        for status in (204, 304):
+            await stream.send_all(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % status)
+            with trio.fail_after(5):
+                while b"\r\n\r\n" not in buf:
+                    buf.extend(await stream.receive_some(65536))
+            head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d " % status), head
+            assert b"transfer-encoding" not in head.lower() and rest == b""
+            buf.clear()
+        await stream.aclose()
+
+
+async def test_http10_is_close_delimited() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+
+    async with lean(app) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+        data = await read_until_closed(stream)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower() and b"connection: close" in head
+        assert body == b"one two"
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # A head over 16 KiB that is still incomplete (h11's limit, as under Hypercorn; a complete
+    # one read at once goes to the app, whose own check answers 431).
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000, 431),
+    (b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 403),
+])
+async def test_refusals_answer_and_close(raw: bytes, status: int) -> None:
+    called = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal called
+        called += 1
+        await hello(scope, receive, send)
+
+    async with lean(app) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(raw)
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+        assert b"connection: close" in data and data.endswith(b"\r\n\r\n")
+    assert called == 0
+
+
+async def test_app_failures_do_not_end_the_server() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/raise":
+            raise ValueError("boom")
+        if scope["path"] == "/silent":
+            return
+        if scope["path"] == "/cut":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+            return  # never ended: the client must not see a clean end
+        if scope["path"] == "/badheader":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"x-evil", b"a\r\nset-cookie: x")]})
+            return
+        await hello(scope, receive, send)
+
+    async with lean(app) as (port, _):
+        for path, expect in ((b"/raise", b"HTTP/1.1 500 "), (b"/silent", b"HTTP/1.1 500 "),
+                             (b"/badheader", b"HTTP/1.1 500 ")):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            data = await read_until_closed(stream)
+            assert data.startswith(expect), (path, data)
+            assert b"set-cookie" not in data
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await read_until_closed(stream)
+        assert data.endswith(b"4\r\npart\r\n"), data  # no terminating chunk
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(stream, bytearray())).endswith(b"GET /ok  ")
+        await stream.aclose()
+
+
+async def test_content_length_mismatch_closes_the_connection() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})
+        await send({"type": "http.response.body", "body": b"short"})
+
+    async with lean(app) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await read_until_closed(stream)
+        assert data.endswith(b"\r\n\r\n")  # the head only; the short body is not sent
+
+
+async def test_expect_100_continue() -> None:
+    async with lean(hello) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+        with trio.fail_after(5):
+            got = await stream.receive_some(65536)
+        assert got == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await stream.send_all(b"data")
+        assert (await read_response(stream, bytearray())).endswith(b"POST /up  data")
+        await stream.aclose()
+
+
+async def test_disconnect_reaches_a_waiting_receive_and_response_end_too() -> None:
+    seen: list[str] = []
+    first_sent = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        first_sent.set()
+        seen.append((await receive())["type"])  # waits for the client to go
+
+    async with lean(app) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            await first_sent.wait()
+            await stream.aclose()
+            while not seen:
+                await trio.sleep(0.01)
+    assert seen == ["http.disconnect"]
+
+    ended: list[str] = []
+
+    async def app2(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                ended.append((await receive())["type"])
+
+            nursery.start_soon(watch)
+            await trio.sleep(0.05)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async with lean(app2) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(stream, bytearray())).endswith(b"ok")
+        await stream.aclose()
+    assert ended == ["http.disconnect"]  # the response's end woke the waiting receive()
+
+
+async def test_keep_alive_timeout_closes_idle_and_slow_heads(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with lean(hello, keep_alive=2.0) as (port, _):
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        slow = await trio.open_tcp_stream("127.0.0.1", port)
+        await slow.send_all(b"GET / HTTP/1.1\r\nHo")  # a head that never completes
+        start = trio.current_time()
+        assert await read_until_closed(idle, 10) == b""
+        assert await read_until_closed(slow, 10) == b""
+        assert 2.0 <= trio.current_time() - start < 3.0
+
+
+async def test_shutdown_closes_idle_and_ends_busy_after_their_response() -> None:
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"done"})
+
+    with trio.fail_after(10):
+        async with lean(app, graceful=5.0) as (port, stop):
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            await busy.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(5):
+                head = await busy.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+            await trio.sleep(0.05)  # the idle one is accepted and waiting
+            stop.set()
+            assert await read_until_closed(idle) == b""  # closed at once
+            release.set()
+            rest = await read_until_closed(busy)
+            assert rest.endswith(b"4\r\ndone\r\n0\r\n\r\n")  # its response ended properly
+
+
+async def test_stalled_reader_does_not_block_the_writer_forever() -> None:
+    """A client that stops reading: writes wait (cancellable), other connections go on."""
+    big = b"z" * (1 << 20)
+    writes = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal writes
+        if scope["path"] == "/fast":
+            await hello(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with trio.move_on_after(1.0):
+            while True:
+                await send({"type": "http.response.body", "body": big, "more_body": True})
+                writes += 1
+
+    with trio.fail_after(10):
+        async with lean(app) as (port, _):
+            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            await stalled.send_all(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+            await trio.sleep(0.3)
+            fast = await trio.open_tcp_stream("127.0.0.1", port)
+            await fast.send_all(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(fast, bytearray())).endswith(b"GET /fast  ")
+            await fast.aclose()
+            await trio.sleep(1.0)
+            data = await read_until_closed(stalled)  # cut after the app's timeout
+            assert not data.endswith(b"0\r\n\r\n")
+    assert 1 <= writes < 50  # it was blocked, not spinning
+
+
+async def test_keepstream_on_the_lean_engine(fake_upstream: FakeUpstream,
+                                             journal_url: str) -> None:
+    """keepstream's app on the lean engine: a proxied SSE stream journaled byte for byte, and
+    admin endpoints on the same kept-alive connection."""
+    cfg = make_config(fake_upstream.url, journal_url,
+                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
+                                          drain_timeout=2.0, stop_grace=10.0))
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            assert ks.config.server.engine in ("lean", "hypercorn")  # the env may override
+            res = await chaos_request(ks.port, "GET", "/s", headers=[("X-Fake-Events", "5")])
+            assert res.status == 200 and res.complete
+            sid = res.header("keepstream-id")
+            assert sid is not None
+            rec = await ks.wait_terminal(sid.decode())
+            assert rec["status"] == "completed"
+            (ex,) = fake_upstream.exchanges
+            assert await ks.body(sid.decode()) == bytes(ex.body_sent) == res.body
+            stream = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            buf = bytearray()
+            for path in (b"/_keepstream/healthz", b"/_keepstream/streams/" + sid, b"/s"):
+                await stream.send_all(b"GET %s HTTP/1.1\r\nHost: x\r\n"
+                                      b"X-Fake-Events: 2\r\n\r\n" % path)
+                resp = await read_response(stream, buf)
+                assert resp.startswith(b"HTTP/1.1 200 OK"), resp[:200]
+            await stream.aclose()
+
+
+async def test_http2_preface_is_refused_and_h2c_upgrade_ignored() -> None:
+    async with lean(hello) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 505 ") and b"connection: close" in data
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /up HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                              b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+        resp = await read_response(stream, bytearray())
+        assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"GET /up  ")
+        await stream.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import trio
 
@@ -100,3 +101,38 @@ async def test_unknown_stream_and_endpoints(fake_upstream: FakeUpstream, journal
             res = await chaos_request(ks.port, "GET", "/_keepstream/metrics")
             assert res.status == 200 and b"keepstream_streams_started_total 0" in res.body
     assert fake_upstream.exchanges == []
+
+
+async def test_upstream_cookies_are_never_kept_between_callers(journal_url: str) -> None:
+    """The upstream client is shared by every caller: a ``Set-Cookie`` the upstream sends to one
+    caller must reach that caller only, never come back upstream on another caller's request
+    (httpx's client keeps a cookie jar by default)."""
+    seen: list[bytes] = []
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            seen.append(head)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nSet-Cookie: session=alice; Path=/\r\n"
+                                  b"Content-Length: 2\r\n\r\nok")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        cfg = make_config(f"http://127.0.0.1:{port}", journal_url)
+        with trio.fail_after(20):
+            async with run_keepstream(cfg) as ks:
+                first = await chaos_request(ks.port, "GET", "/alice")
+                assert first.status == 200 and first.header("set-cookie") == \
+                    b"session=alice; Path=/"
+                second = await chaos_request(ks.port, "GET", "/bob")
+                assert second.status == 200
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 2
+    assert b"cookie:" not in seen[1].lower(), seen[1]

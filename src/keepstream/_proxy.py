@@ -38,11 +38,25 @@ from ._transport import FastTransport
 log = logging.getLogger("keepstream")
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing. The upstream client is shared by every caller, so a
+    ``Set-Cookie`` the upstream sends one caller must never go back upstream with another
+    caller's request (httpx's client stores response cookies and sends them on). The header
+    itself still reaches the caller it was meant for."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        return None
+
+
 def make_client(config: Config) -> httpx.AsyncClient:
     """The worker's upstream client: created after start-up, never at import (I7).
 
     No redirects, no proxy variables from the environment, no default headers of httpx's own
-    (a client's request goes upstream with its own headers only), pool sized for ``max_streams``.
+    (a client's request goes upstream with its own headers only), no cookie jar (one caller's
+    cookies never reach the upstream with another's request), pool sized for ``max_streams``.
     ``http://`` upstreams go through :class:`~keepstream._transport.FastTransport` (large
     reads, one pass over the chunked framing per read); ``https://`` ones through httpx's own
     transport with the linear pool of ``_pool.py``.
@@ -65,6 +79,9 @@ def make_client(config: Config) -> httpx.AsyncClient:
     )
     for name in list(client.headers.keys()):
         del client.headers[name]
+    # No cookie jar: httpx has no public switch for it; its client reads ``_cookies`` through
+    # the ``cookies`` property on every request and response.
+    client._cookies = _NoCookies()
     return client
 
 

@@ -170,10 +170,12 @@ class _ChunkedDecoder:
 
     ``feed(data)`` returns the body bytes that ``data`` completes (joined) and sets ``done``
     once the last chunk and the trailer section have arrived; bytes after that are
-    ``leftover``. Chunk extensions are ignored, trailers are read and dropped.
+    ``leftover``. Chunk extensions are ignored, trailers are read and dropped. On malformed
+    framing ``feed`` raises ``httpx.RemoteProtocolError``; the body bytes that ``data``
+    completed before the fault are then in ``partial``, for the caller to pass on first.
     """
 
-    __slots__ = ("_buf", "_fast", "_remaining", "_state", "done", "leftover")
+    __slots__ = ("_buf", "_fast", "_remaining", "_state", "done", "leftover", "partial")
 
     def __init__(self) -> None:
         self._fast = True
@@ -182,6 +184,7 @@ class _ChunkedDecoder:
         self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
         self.done = False
         self.leftover = b""
+        self.partial = b""
 
     def feed(self, data: bytes) -> bytes:
         if self._buf:
@@ -210,7 +213,7 @@ class _ChunkedDecoder:
                 if n - pos < 2:
                     break
                 if data[pos] != 13 or data[pos + 1] != 10:
-                    raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after data")
+                    raise self._error("malformed chunked body: no CRLF after data", out)
                 pos += 2
                 state = 0
                 if self._fast and n - pos > _FAST_MIN:
@@ -223,7 +226,7 @@ class _ChunkedDecoder:
                 i = find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
                 if i < 0:
                     if n - pos >= MAX_CHUNK_LINE:
-                        raise httpx.RemoteProtocolError("chunk size line too long")
+                        raise self._error("chunk size line too long", out)
                     break
                 line = data[pos:i]
                 pos = i + 2
@@ -232,7 +235,7 @@ class _ChunkedDecoder:
                     line = line[:semi]
                 line = line.rstrip(b" \t")
                 if _HEX.fullmatch(line) is None:
-                    raise httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
+                    raise self._error(f"malformed chunk size {line[:40]!r}", out)
                 remaining = int(line, 16)
                 state = 1 if remaining else 3
             elif state == 3:
@@ -245,7 +248,7 @@ class _ChunkedDecoder:
                 i = find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
                 if i < 0:
                     if n - pos >= MAX_CHUNK_LINE:
-                        raise httpx.RemoteProtocolError("trailer line too long")
+                        raise self._error("trailer line too long", out)
                     break
                 pos = i + 2
         if pos < n:
@@ -255,6 +258,11 @@ class _ChunkedDecoder:
         if not out:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _error(self, message: str, out: list[bytes]) -> httpx.RemoteProtocolError:
+        """The error to raise; keeps the body bytes decoded before it in ``partial``."""
+        self.partial = b"".join(out)
+        return httpx.RemoteProtocolError(message)
 
     def _fast_path(self, data: bytes, out: list[bytes]) -> int:
         """Decode the run of plain chunks (``<hex>CRLF<data>CRLF``, no extensions) at the
@@ -347,7 +355,12 @@ class _Body(httpx.AsyncByteStream):
         decoder = _ChunkedDecoder()
         while True:
             if data:
-                out = decoder.feed(data)
+                try:
+                    out = decoder.feed(data)
+                except httpx.RemoteProtocolError:
+                    if decoder.partial:
+                        yield decoder.partial  # the bytes before the fault come out first
+                    raise
                 if decoder.done:
                     if decoder.leftover:
                         self._reusable = False

@@ -422,3 +422,31 @@ async def test_other_schemes_go_to_the_fallback() -> None:
     async with httpx.AsyncClient(transport=FastTransport()) as client:
         with pytest.raises(httpx.UnsupportedProtocol):
             await client.get("https://example.invalid/")
+
+
+async def test_idle_bookkeeping_stays_one_entry_per_idle_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """Sequential requests reuse one connection; the idle order must not grow with them (it
+    once kept a stale entry per release, and every release then rescanned thousands)."""
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await start(nursery, handler)
+    transport = FastTransport(max_keepalive=4)
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(300):
+                r = await client.get(f"http://127.0.0.1:{server.port}/")
+                assert r.content == b"ok"
+                assert len(transport._idle_order) == transport._n_idle == 1
+            # Two at once: two connections, both idle after, evicted oldest first.
+            async with trio.open_nursery() as inner:
+                for _ in range(2):
+                    inner.start_soon(client.get, f"http://127.0.0.1:{server.port}/")
+            assert len(transport._idle_order) == transport._n_idle == 2
+            oldest = next(iter(transport._idle_order))
+            assert transport._evict_one_idle()
+            assert oldest not in transport._idle_order and transport._n_idle == 1
+    assert server.accepted == 2

@@ -41,7 +41,6 @@ import errno
 import re
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from itertools import repeat
 from typing import Any
@@ -449,7 +448,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._fallback = fallback
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
-        self._idle_order: deque[_Conn] = deque()  # oldest first; may hold stale entries
+        self._idle_order: dict[_Conn, None] = {}  # the idle connections, oldest first
         self._n_idle = 0
         self._n_conns = 0  # open connections, idle or busy
         self._freed = trio.Event()
@@ -462,6 +461,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         now = time.monotonic()
         while conns:
             conn = conns.pop()
+            del self._idle_order[conn]
             self._n_idle -= 1
             if now - conn.idle_since > self._keepalive_expiry or conn.stale():
                 self._drop(conn)
@@ -475,15 +475,14 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._freed.set()
 
     def _evict_one_idle(self) -> bool:
-        while self._idle_order:
-            conn = self._idle_order.popleft()
-            conns = self._idle.get(conn.key)
-            if conns and conn in conns:
-                conns.remove(conn)
-                self._n_idle -= 1
-                self._drop(conn)
-                return True
-        return False
+        conn = next(iter(self._idle_order), None)  # the oldest
+        if conn is None:
+            return False
+        del self._idle_order[conn]
+        self._idle[conn.key].remove(conn)
+        self._n_idle -= 1
+        self._drop(conn)
+        return True
 
     def _release(self, conn: _Conn, reusable: bool) -> None:
         if (
@@ -494,10 +493,7 @@ class FastTransport(httpx.AsyncBaseTransport):
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
-        self._idle_order.append(conn)
-        if len(self._idle_order) > 4 * max(self._max_keepalive, 16):
-            live = {id(c) for cs in self._idle.values() for c in cs}
-            self._idle_order = deque(c for c in self._idle_order if id(c) in live)
+        self._idle_order[conn] = None
         self._n_idle += 1
         self._freed.set()
 

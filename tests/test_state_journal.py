@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import trio.testing
 
 from keepstream import JournalConfig
 from keepstream._journal import (
+    Batch,
     JournalWriter,
     MemoryBackend,
     NoneBackend,
@@ -103,6 +105,106 @@ async def test_writer_batches_and_commit_is_durable(kind: str, tmp_path: Path) -
         nursery.cancel_scope.cancel()
     assert backend.integrity_check() == []
     backend.close()
+
+
+class CountingSQLite(SQLiteBackend):
+    """Counts commits by path: inline (on the event loop) or threaded."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.inline = self.threaded_commits = self.checkpoints = 0
+
+    def try_commit_inline(self, batch: Batch) -> bool:
+        done = super().try_commit_inline(batch)
+        self.inline += done
+        return done
+
+    def commit(self, batch: Batch) -> None:
+        self.threaded_commits += 1
+        super().commit(batch)
+
+    def checkpoint(self) -> None:
+        self.checkpoints += 1
+        super().checkpoint()
+
+
+async def test_small_commits_are_inline_and_a_locked_journal_falls_back_to_a_thread(
+    tmp_path: Path,
+) -> None:
+    """A record's creation and terminal commit run on the event loop (no worker thread);
+    with the database locked by another connection they take the threaded path, which waits
+    for the lock (busy_timeout) without blocking the event loop, and land once it is free."""
+    db = tmp_path / "j.db"
+    backend = CountingSQLite(str(db))
+    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}", flush_interval_ms=20))
+    await writer.setup("a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(10):
+            for _ in range(20):
+                rec = _rec()
+                await writer.commit(rec)  # durable creation
+                writer.append(rec, b"data: x\n\n")
+                rec.bytes += 9
+                rec.finish(Status.COMPLETED, None)
+                await writer.commit(rec)
+                assert (await writer.get(rec.id) or {})["status"] == "completed"
+        assert backend.inline == 40 and backend.threaded_commits == 0
+        locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        await trio.to_thread.run_sync(locker.execute, "BEGIN EXCLUSIVE")
+        rec = _rec()
+        landed = trio.Event()
+
+        async def create() -> None:
+            await writer.commit(rec)
+            landed.set()
+
+        nursery.start_soon(create)
+        ticks = 0
+        with trio.fail_after(10):
+            while ticks < 20:  # the event loop keeps running meanwhile
+                await trio.sleep(0.01)
+                ticks += 1
+            assert not landed.is_set()
+            await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+            await landed.wait()
+        locker.close()
+        assert backend.threaded_commits >= 1
+        assert (await writer.get(rec.id)) is not None
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
+async def test_the_wal_is_checkpointed_by_the_writer(tmp_path: Path) -> None:
+    """Automatic checkpoints are off (they would sync the disk inside an inline commit): the
+    writer checkpoints in a thread every ``checkpoint_bytes``, so the WAL stays bounded."""
+    db = tmp_path / "j.db"
+    backend = CountingSQLite(str(db))
+    backend.checkpoint_bytes = 256 * 1024
+    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}", flush_interval_ms=5,
+                                                  flush_bytes=32 * 1024))
+    await writer.setup("a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        rec = _rec()
+        await writer.commit(rec)
+        piece = b"x" * 4096
+        with trio.fail_after(30):
+            for _ in range(1024):  # 4 MiB, in flushes of a few pieces
+                writer.append(rec, piece)
+                rec.bytes += len(piece)
+                await trio.sleep(0.001)
+            while rec.durable < rec.bytes:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    wal_size = (await trio.Path(str(db) + "-wal").stat()).st_size
+    assert backend.checkpoints >= 4, backend.checkpoints
+    assert wal_size < 2 * 1024 * 1024, wal_size  # 4 MiB went through it
+    backend.close()
+    check = SQLiteBackend(str(db))
+    check.setup()
+    assert check.read_body(rec.id) == piece * 1024
+    check.close()
 
 
 async def test_flush_bytes_triggers_early_flush(autojump_clock: trio.testing.MockClock) -> None:

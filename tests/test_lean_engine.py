@@ -414,3 +414,34 @@ async def test_http2_preface_is_refused_and_h2c_upgrade_ignored() -> None:
         resp = await read_response(stream, bytearray())
         assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"GET /up  ")
         await stream.aclose()
+
+
+async def test_paced_stream_takes_the_direct_path(
+    fake_upstream: FakeUpstream, journal_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paced events reach the client through the stream task's direct write (one task wake
+    per event), byte for byte, with a proper end of body."""
+    from keepstream import _h1
+
+    calls: list[int] = []
+    original = _h1._Connection.send_nowait
+
+    def counting(self: _h1._Connection, body: bytes) -> int:
+        result = original(self, body)
+        calls.append(result)
+        return result
+
+    monkeypatch.setattr(_h1._Connection, "send_nowait", counting)
+    monkeypatch.setenv("KEEPSTREAM_ENGINE", "lean")
+    cfg = make_config(fake_upstream.url, journal_url)
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            res = await chaos_request(ks.port, "GET", "/p", headers=[
+                ("X-Fake-Events", "20"), ("X-Fake-Interval", "0.01")])
+            assert res.status == 200 and res.complete
+            (ex,) = fake_upstream.exchanges
+            assert res.body == bytes(ex.body_sent)
+            sid = res.header("keepstream-id")
+            assert sid is not None
+            assert (await ks.wait_terminal(sid.decode()))["status"] == "completed"
+    assert calls.count(_h1.SINK_TAKEN) >= 10, calls  # most events went the direct way

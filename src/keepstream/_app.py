@@ -37,12 +37,23 @@ from ._rules import (
     normalize_path,
 )
 from ._state import Ending, Status
-from ._supervisor import MAX_SEND, Lagging, LiveStream, StreamRefused, Subscriber, Supervisor
+from ._supervisor import (
+    MAX_SEND,
+    Lagging,
+    LiveStream,
+    Sink,
+    StreamRefused,
+    Subscriber,
+    Supervisor,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+#: The scope extension through which a server offers the direct path (a :data:`Sink`).
+DIRECT_EXTENSION = "keepstream.direct"
 
 _STREAM_PATH = re.compile(r"^/_keepstream/streams/([0-9a-f]{1,64})(/body|/cancel)?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -365,7 +376,7 @@ class KeepstreamApp:
                 (b"preference-applied", b"respond-async"),
             ])
             return
-        await self._relay(stream, receive, send)
+        await self._relay(stream, receive, send, scope)
 
     async def _resume(
         self, prefix: str, sid: str, seq: int, headers: list[tuple[bytes, bytes]],
@@ -465,8 +476,13 @@ class KeepstreamApp:
         await send_error(send, 408, "request body timeout", close=close)
         return None
 
-    async def _relay(self, stream: LiveStream, receive: Receive, send: Send) -> None:
+    async def _relay(
+        self, stream: LiveStream, receive: Receive, send: Send, scope: Scope | None = None
+    ) -> None:
         sub = stream.subscribe()
+        # The lean engine's direct path (``_h1.py``): the stream task writes new chunks to this
+        # client's socket itself while this task waits.
+        sink = None if scope is None else scope.get("extensions", {}).get(DIRECT_EXTENSION)
         client_left = False
         ok = False
         watched = _EndWatch(send)
@@ -484,12 +500,14 @@ class KeepstreamApp:
                             return
 
                 nursery.start_soon(watch_disconnect)
-                ok = await self._respond(stream, sub, watched)
+                ok = await self._respond(stream, sub, watched, sink)
                 nursery.cancel_scope.cancel()
         finally:
             stream.unsubscribe(sub, client_left=client_left or sub.dropped or not ok)
 
-    async def _respond(self, stream: LiveStream, sub: Subscriber, send: Send) -> bool:
+    async def _respond(
+        self, stream: LiveStream, sub: Subscriber, send: Send, sink: Sink | None = None
+    ) -> bool:
         """Send the response; True when the client got all of it."""
         await stream.response_ready.wait()
         sid = stream.record.id
@@ -509,7 +527,7 @@ class KeepstreamApp:
                                      max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
                     "headers": headers})
-        if not await _pump(stream, sub, send, self.supervisor, rewriter):
+        if not await _pump(stream, sub, send, self.supervisor, rewriter, sink):
             return False
         if rewriter is not None and rewriter.overflowed:
             return True  # cut without a clean end: the rest cannot carry resumable ids
@@ -550,11 +568,13 @@ def reconnect_event(stream: LiveStream, rewriter: EventRewriter | None = None) -
 
 async def _pump(
     stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor,
-    rewriter: EventRewriter | None = None,
+    rewriter: EventRewriter | None = None, sink: Sink | None = None,
 ) -> bool:
     """Copy the stream to ``send`` from ``sub.offset`` until it finishes (or ``rewriter``
-    overflowed). False if the subscriber was dropped."""
+    overflowed). False if the subscriber was dropped. ``sink``: the server's direct path
+    (see :meth:`LiveStream.wait_direct`), used while caught up unless events are rewritten."""
     writer = sup.writer
+    direct = sink if rewriter is None else None
     while True:
         if sub.dropped:
             return False
@@ -574,9 +594,17 @@ async def _pump(
             if rewriter is not None and rewriter.overflowed:
                 return True
             continue
+        if sub.must_flush:
+            # The direct path left bytes the socket did not take: send() writes them first.
+            sub.must_flush = False
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
+            continue
         if stream.finished:
             return True
-        await stream.wait_data(sub.offset)
+        if direct is not None:
+            await stream.wait_direct(sub, direct)
+        else:
+            await stream.wait_data(sub.offset)
 
 
 def _prefers_async(headers: list[tuple[bytes, bytes]]) -> bool:

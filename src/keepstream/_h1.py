@@ -47,7 +47,8 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from ._app import Message, Receive, Scope, Send
+from ._app import DIRECT_EXTENSION, Message, Receive, Scope, Send
+from ._supervisor import SINK_BLOCKED, SINK_REFUSED, SINK_TAKEN
 
 log = logging.getLogger("keepstream")
 
@@ -126,7 +127,8 @@ class _Connection:
 
     __slots__ = (
         "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
-        "_head_only", "_lock", "_peer_gone", "_recv_scope", "_response_done", "_started",
+        "_head_only", "_lock", "_peer_gone", "_pending", "_recv_scope", "_response_done",
+        "_started",
         "_unyielded", "client", "fd", "scope", "server", "sock",
     )
 
@@ -146,6 +148,7 @@ class _Connection:
     def _reset(self) -> None:
         self._body_done = False
         self._continued = False
+        self._pending = b""
         self._broken = False
         self._started = False
         self._response_done = False
@@ -260,6 +263,7 @@ class _Connection:
             "headers": headers,
             "client": self.client,
             "server": self.server.server,
+            "extensions": {DIRECT_EXTENSION: self.send_nowait},
         }
         self._head_only = method == "HEAD"
         try:
@@ -383,6 +387,9 @@ class _Connection:
                     self._recv_scope.cancel()
                 if self._cl_left is None and not self._chunked and not self._head_only:
                     self._close = True  # close-delimited body
+            if self._pending:
+                out = self._pending + out  # what the direct path could not write at once
+                self._pending = b""
             if out:
                 await self._write(out)
             elif not more:
@@ -396,6 +403,31 @@ class _Connection:
             await self._write(head)
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def send_nowait(self, body: bytes) -> int:
+        """The direct path (the ``keepstream.direct`` scope extension, a ``Sink``): frame
+        ``body`` as the next chunk and write it now, from whichever task calls it, never
+        waiting. ``SINK_BLOCKED``: the socket took part of it; the rest goes out first with
+        the app's next ``send()``. Refused (the app sends it itself) unless the response is a
+        chunked one in progress with nothing else waiting to be written."""
+        if not self._chunked or not self._started or self._response_done or self._broken or \
+                self._pending or self._lock.locked():
+            return SINK_REFUSED
+        if not body:
+            return SINK_TAKEN
+        out = b"%x\r\n%b\r\n" % (len(body), body)
+        try:
+            sent = os.write(self.fd, out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._broken = True  # the client left: dropped, as send() drops it
+            self._peer_gone = True
+            return SINK_TAKEN
+        if sent == len(out):
+            return SINK_TAKEN
+        self._pending = out[sent:]
+        return SINK_BLOCKED
 
     def _head(self, status: int, headers: Any) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]

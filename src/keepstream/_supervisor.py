@@ -20,6 +20,7 @@ import errno
 import logging
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -69,10 +70,21 @@ class Lagging(Exception):
     """The subscriber's offset is older than the live buffer: read the journal instead."""
 
 
+#: A subscriber's direct sink (:meth:`LiveStream.wait_direct`): called by the stream task with
+#: each new chunk; returns one of the three values below.
+Sink = Callable[[bytes], int]
+SINK_REFUSED = 0  # not taken: the subscriber's task sends it as usual
+SINK_TAKEN = 1  # written out whole
+SINK_BLOCKED = 2  # taken, but the rest waits for the socket: the subscriber's task must flush
+
+
 @dataclass(slots=True, eq=False)
 class Subscriber:
     offset: int = 0
     dropped: bool = False
+    sink: Sink | None = None
+    #: The sink took bytes it could not write out at once (SINK_BLOCKED).
+    must_flush: bool = False
 
 
 class LiveStream:
@@ -111,6 +123,7 @@ class LiveStream:
         self.end = 0  # bytes received from the upstream so far
         self._waiter: trio.Event | None = None
         self._subs: list[Subscriber] = []
+        self._sinks = 0  # subscribers with a direct sink attached
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
@@ -131,6 +144,9 @@ class LiveStream:
         """A request stopped reading. ``client_left``: it stopped before the end of the stream."""
         if sub in self._subs:
             self._subs.remove(sub)
+        if sub.sink is not None:
+            sub.sink = None
+            self._sinks -= 1
         if client_left and not self.finished and not self._subs and not self.record.detached:
             self._client_gone()
 
@@ -204,13 +220,58 @@ class LiveStream:
             self._waiter.set()
             self._waiter = None
 
+    async def wait_direct(self, sub: Subscriber, sink: Sink) -> None:
+        """:meth:`wait_data` for a subscriber that has sent everything so far, with a direct
+        path: until the stream finishes (or ``sink`` cannot take a chunk), the stream task
+        hands each new chunk to ``sink`` itself (a non-blocking write to the client's socket)
+        and advances ``sub.offset``, so a paced event wakes one task, not two. Returns when the
+        stream finished, the sink refused or blocked (``sub.must_flush``), or data is waiting
+        for ``sub`` that the sink did not take."""
+        if sub.offset < self.end or self.finished:
+            return
+        sub.sink = sink
+        self._sinks += 1
+        try:
+            while sub.sink is not None and sub.offset >= self.end and not self.finished:
+                if self._waiter is None:
+                    self._waiter = trio.Event()
+                await self._waiter.wait()
+        finally:
+            if sub.sink is not None:
+                sub.sink = None
+                self._sinks -= 1
+
     def _push(self, data: bytes) -> None:
         self._chunks.append(data)
         self._starts.append(self.end)
         self.end += len(data)
-        self._wake()
+        if self._sinks:
+            self._hand_off(data)
+        else:
+            self._wake()
         if self.end - self.base > self.supervisor.buffer_cap:
             self._trim()
+
+    def _hand_off(self, data: bytes) -> None:
+        """Give ``data`` to every subscriber's direct sink; wake the subscribers' tasks only
+        if one of them has to act (no sink, a refusal, a blocked socket)."""
+        wake = False
+        end = self.end
+        for sub in self._subs:
+            sink = sub.sink
+            if sink is None:
+                wake = True
+                continue
+            taken = sink(data)
+            if taken:
+                sub.offset = end
+            if taken != SINK_TAKEN:
+                sub.must_flush = taken == SINK_BLOCKED
+                sub.sink = None
+                self._sinks -= 1
+                wake = True
+        if wake:
+            self._wake()
 
     def _trim(self) -> None:
         sup = self.supervisor

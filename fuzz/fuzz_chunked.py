@@ -2,10 +2,12 @@
 ``tests/test_transport_fuzz.py``, on any bytes in any feeds (``checks.check_chunked``).
 
 The first byte picks the input: the bytes as they are; a sequence of framing-like pieces; one
-piece repeated up to 6000 times between a head and a tail (so that lines over the
-``MAX_CHUNK_LINE`` cap are reachable); or a case of the test suite's generator (a valid body, a
-fault in chunk k, a truncation, random damage) from a fuzzer-chosen seed, with the outcome it
-was built for checked too. The fuzzer also picks the cuts (one byte per feed one time in
+piece of up to 8 bytes repeated up to 6000 times between a head and a tail (so that lines over
+the ``MAX_CHUNK_LINE`` cap, and trailer sections of short field lines such as ``x:\r\n`` over
+the ``MAX_TRAILERS`` cap, are reachable); or a case of the test suite's generator (a valid body,
+a fault in chunk k, a bad chunk extension or trailer line, a trailer section at or over its cap,
+a truncation, random damage) from a fuzzer-chosen seed, with the outcome it was built for
+checked too. The fuzzer also picks the cuts (one byte per feed one time in
 eight) and whether the fast path is tried after every chunk's end.
 """
 
@@ -38,7 +40,7 @@ def one_input(data: bytes) -> None:
         wire = b"".join(parts)
     elif mode == 2:
         head = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 24))
-        token = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 3))
+        token = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 8))
         count = fdp.ConsumeIntInRange(0, 6000)
         wire = head + token * count + fdp.ConsumeBytes(fdp.remaining_bytes())
     else:

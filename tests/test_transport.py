@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keepstream import _transport
-from keepstream._transport import FastTransport, _ChunkedDecoder, _framing, _parse_head
+from keepstream._transport import (
+    MAX_TRAILERS,
+    FastTransport,
+    _ChunkedDecoder,
+    _framing,
+    _parse_head,
+)
 
 # -- the chunked decoder (sans-IO) ------------------------------------------------------------
 
@@ -126,6 +132,13 @@ def test_decoder_one_byte_at_a_time() -> None:
     b"-2\r\nab\r\n",  # sign
     b"2 2\r\nab\r\n",  # junk in the size
     b"12345678901234567\r\n",  # more than 16 hex digits
+    b"2;a\nb\r\nab\r\n0\r\n\r\n",  # a bare LF in a chunk extension (h11 refuses it too)
+    b"2;a=\x00\r\nab\r\n0\r\n\r\n",  # a control character in a chunk extension
+    b"0;\x7f\r\n\r\n",  # ... of the last chunk
+    b"0\r\nno colon\r\n\r\n",  # a trailer line that is not a field line
+    b"0\r\nx y: z\r\n\r\n",  # ... nor a token before the colon
+    b"0\r\nx: a\x00b\r\n\r\n",  # ... nor a valid value
+    b"0\r\nx: a\r\n folded\r\n\r\n",  # an obs-fold in the trailers
 ])
 def test_decoder_rejects_malformed_framing(wire: bytes) -> None:
     with pytest.raises(httpx.RemoteProtocolError):
@@ -138,6 +151,29 @@ def test_decoder_caps_the_size_line() -> None:
         dec.feed(b"1" * 1000)  # still under the cap: held back, nothing decoded
     with pytest.raises(httpx.RemoteProtocolError, match="too long"):
         dec.feed(b"1" * 1000)
+
+
+def test_decoder_caps_the_trailer_section() -> None:
+    """Short trailer lines without end: each is under the line cap, but the section is not
+    (before, such a body never ended). Valid trailers are taken, and dropped, up to the cap."""
+    dec = _ChunkedDecoder()
+    assert dec.feed(b"5\r\nhello\r\n0\r\n") == b"hello"
+    fed = 0
+
+    def feed_lines() -> None:
+        nonlocal fed
+        while fed <= 2 * MAX_TRAILERS:
+            dec.feed(b"x-t: 1\r\n" * 100)
+            fed += 800
+
+    with pytest.raises(httpx.RemoteProtocolError, match="trailer section too long"):
+        feed_lines()
+    assert MAX_TRAILERS - 800 < fed <= MAX_TRAILERS  # raised by the feed that crossed it
+    dec = _ChunkedDecoder()
+    lines = b"x-t: 1\r\n" * ((MAX_TRAILERS - 2) // 8)
+    pad = b"x:" + b"v" * (MAX_TRAILERS - 2 - len(lines) - 4)  # the section: MAX_TRAILERS bytes
+    assert dec.feed(b"0\r\n" + lines + pad + b"\r\n\r\nNEXT") == b""
+    assert dec.done and dec.leftover == b"NEXT"
 
 
 # -- response heads and framing ---------------------------------------------------------------
@@ -324,6 +360,33 @@ async def test_body_cut_short_yields_the_bytes_then_fails(
             with pytest.raises(httpx.RemoteProtocolError):
                 await read_all(r)
     assert got == b"hellowor"
+
+
+async def test_endless_trailers_end_the_body_with_an_error(nursery: trio.Nursery) -> None:
+    """An upstream that sends trailer lines for ever: the body ends at the trailer section's
+    cap with ``RemoteProtocolError``, after the chunk data, instead of staying open."""
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"5\r\nhello\r\n0\r\n")
+        while True:
+            await stream.send_all(b"x-t: 1\r\n" * 100)
+            await trio.sleep(0.001)
+
+    server = await start(nursery, handler)
+    got = bytearray()
+
+    async def read_all(r: httpx.Response) -> None:
+        async for piece in r.aiter_raw():
+            got.extend(piece)
+
+    with trio.fail_after(5):
+        async with httpx.AsyncClient(transport=FastTransport()) as client, \
+                client.stream("GET", f"http://127.0.0.1:{server.port}/") as r:
+            with pytest.raises(httpx.RemoteProtocolError, match="trailer section too long"):
+                await read_all(r)
+    assert got == b"hello"
 
 
 async def test_close_delimited_body_and_informational_responses(nursery: trio.Nursery) -> None:

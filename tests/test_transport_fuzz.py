@@ -13,6 +13,7 @@ path is tried after every chunk's end or only on long reads) and asserts:
 * ``done`` is set once, by the feed that holds the body's last byte; ``leftover`` is empty
   until then, and then holds exactly the rest of that feed (the caller keeps the later pieces);
 * what the decoder holds back between feeds stays under ``MAX_CHUNK_LINE`` bytes;
+* the trailer section it has consumed leaves room for the final CRLF under ``MAX_TRAILERS``;
 * when the generator built the input to be something (``expect``: a valid body, a given fault
   in chunk k, a truncation), the reference says exactly that, so the reference is checked too.
 
@@ -36,7 +37,7 @@ import pytest
 import trio
 
 from keepstream import _transport
-from keepstream._transport import MAX_CHUNK_LINE, FastTransport, _ChunkedDecoder
+from keepstream._transport import MAX_CHUNK_LINE, MAX_TRAILERS, FastTransport, _ChunkedDecoder
 from tests.test_transport import read_request, start
 
 FAST_MIN = _transport._FAST_MIN  # the module's own value; check_chunked sets it per input
@@ -56,8 +57,13 @@ class Outcome:
     leftover: bytes = b""
 
 
-#: chunk-size (1 to 16 hex digits), BWS, and a chunk-ext that is not parsed.
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?", re.DOTALL)
+#: CTL (RFC 5234) but HTAB: never valid in a chunk-ext or a field value.
+_CTL = rb"\x00-\x08\x0a-\x1f\x7f"
+#: chunk-size (1 to 16 hex digits), BWS, and a chunk-ext: ";" and no CTL but HTAB.
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^%s]*)?" % _CTL)
+#: field-line (RFC 9110 section 5, RFC 9112 section 5): a token, ":", then OWS, field-vchars
+#: (VCHAR, obs-text), SP and HTAB in any order: anything but a CTL.
+_FIELD_LINE = re.compile(rb"[-!#$%%&'*+.^_`|~0-9A-Za-z]+:[^%s]*" % _CTL)
 
 
 def reference_decode(wire: bytes) -> Outcome:
@@ -75,37 +81,47 @@ def reference_decode(wire: bytes) -> Outcome:
     * chunk-size has at most 16 hex digits (leading zeros count); no sign, ``0x``, ``_`` or
       whitespace before it;
     * BWS (SP, HTAB) may follow the size, before ``;`` or before the CRLF;
-    * a chunk-ext is ``;`` and anything up to the CRLF, ignored unparsed (section 7.1.1:
-      unrecognized extensions are ignored); trailer lines are dropped unparsed (7.1.2). Both
-      are laxer than the RFC's grammar (a bare CR, LF or NUL there is accepted);
-    * a line ends with CRLF only: a bare CR or LF is a byte of the line;
+    * a chunk-ext is ``;`` and anything up to the CRLF but a control character (HTAB is
+      allowed), otherwise unparsed (section 7.1.1: unrecognized extensions are ignored). The
+      RFC's grammar (tokens and quoted strings) never holds a control character, and h11
+      refuses a bare LF there, so a bare CR, LF, NUL or DEL is malformed;
+    * a trailer line is a field-line (``_FIELD_LINE``: a token, ``:``, a value without
+      control characters), else malformed; an obs-fold (a line starting with SP or HTAB) is
+      one too, as in the response head. Valid ones are dropped (7.1.2);
+    * a line ends with CRLF only: a bare CR or LF is a byte of the line (and so malformed in
+      an extension or a trailer);
     * a size or trailer line, with its CRLF, is at most ``MAX_CHUNK_LINE`` bytes; once that
       many bytes have come without a CRLF, the framing is malformed;
-    * a fault counts once the rules make it certain: at the end of its line, at that cap, or
-      once both bytes after a chunk's data are there; before that the input is incomplete.
+    * the trailer section, its final CRLF included, is at most ``MAX_TRAILERS`` bytes: it is
+      malformed once that many bytes of it have come without its end, or at the end of a
+      trailer line that leaves no room for the final CRLF;
+    * a fault counts once the rules make it certain: at the end of its line, at those caps,
+      or once both bytes after a chunk's data are there; before that the input is incomplete.
     """
     body = bytearray()
     pos = 0
     n = len(wire)
-    in_trailers = False
+    trailers = -1  # where the trailer section starts, once the last-chunk line is read
     while True:
         # The next line: it must end (CRLF included) within MAX_CHUNK_LINE bytes.
         end = wire.find(b"\r\n", pos)
         if end < 0 or end + 2 - pos > MAX_CHUNK_LINE:
-            kind = "error" if n - pos >= MAX_CHUNK_LINE else "incomplete"
-            return Outcome(kind, bytes(body))
+            capped = n - pos >= MAX_CHUNK_LINE or 0 <= trailers <= n - MAX_TRAILERS
+            return Outcome("error" if capped else "incomplete", bytes(body))
         line = wire[pos:end]
         pos = end + 2
-        if in_trailers:
-            if not line:
+        if trailers >= 0:
+            if not line:  # the end of the trailer section; the check below leaves room
                 return Outcome("done", bytes(body), wire[pos:])
+            if _FIELD_LINE.fullmatch(line) is None or pos - trailers > MAX_TRAILERS - 2:
+                return Outcome("error", bytes(body))
             continue  # a trailer field line, dropped
         m = _SIZE_LINE.fullmatch(line)
         if m is None:
             return Outcome("error", bytes(body))
         size = int(m.group(1), 16)
         if size == 0:
-            in_trailers = True  # last-chunk
+            trailers = pos  # last-chunk
             continue
         data = wire[pos : pos + size]
         body += data
@@ -144,6 +160,7 @@ def run_decoder(pieces: Sequence[bytes]) -> tuple[Outcome, tuple[int, int]]:
             return Outcome("error", bytes(got)), (-1, -1)
         got += out
         assert len(dec._buf) < MAX_CHUNK_LINE, len(dec._buf)
+        assert dec._trailers <= MAX_TRAILERS - 2, dec._trailers
         if dec.done:
             rest = dec.leftover + b"".join(pieces[i + 1 :])
             return Outcome("done", bytes(got), rest), (offset - len(piece), offset)
@@ -181,11 +198,24 @@ def check_chunked(wire: bytes, cuts: Sequence[int], fast_min: int = FAST_MIN,
 
 # -- the generator -----------------------------------------------------------------------------
 
-#: Chunk extensions valid by RFC 9112 (BWS included), among them a quoted ``;``.
+#: Chunk extensions valid by RFC 9112 (BWS included), among them a quoted ``;``, an HTAB and
+#: obs-text in a quoted string.
 EXTENSIONS = (b";a", b";name=value", b';q="quo;ted \\" value"', b" ;a=b", b"\t; a = b",
-              b";a;b=c;d", b";ieof", b';x=""', b" \t;x")
+              b";a;b=c;d", b";ieof", b';x=""', b" \t;x", b';x="\ta\xff"')
+#: Chunk extensions with a control character (h11 0.16 refuses only the bare LF ones, and
+#: `` ;\x0b`` for its space before ``;``).
+BAD_EXTENSIONS = (b";a\n", b";\n", b";a=b\nc", b";\x00", b";a=\x00", b";a\r", b";\rx",
+                  b";a=b\x7f", b';q="\x1f"', b" ;\x0b", b";a\x0cb", b";\x01", b";a;b\x1b",
+                  b"; a\n\r")
 TRAILERS = (b"x-t: 1", b'etag: "a"', b"Expires: Wed, 21 Oct 2015 07:28:00 GMT", b"x-empty:",
-            b"Server-Timing: db;dur=53")
+            b"Server-Timing: db;dur=53", b"x-tab:\ta\tb\t", b"x-obs: caf\xc3\xa9", b"x:",
+            b"!#$%&'*+-.^_`|~09azAZ:  v:v ")
+#: Trailer lines that are not field lines. h11 0.16 refuses all of them but ``x: \x7f``,
+#: ``x: \x01``, ``\n`` (to h11 a bare LF ends the trailer section) and, after another trailer
+#: line, the two obs-folds (which it joins to that line).
+BAD_TRAILERS = (b"no colon", b"bad trailer\x00", b"x : y", b": y", b"x: a\x00b", b"x: a\nb",
+                b"x\x00: y", b"x y: z", b" folded", b"\tx: y", b"x: \x7f", b"x:\r", b"\rX",
+                b"x: a\x0bb", b"x: \x01", b"(x): y", b"x-\xff: y", b"\xff", b"\n", b"\r", b":")
 DATA_PIECES = (b"\r\n", b"\r", b"\n", b"0\r\n\r\n", b"5\r\nhello\r\n", b"\r\n\r\n", b";",
                b"data: x\n\n", b"\x00", b"\xff", b"HTTP/1.1 200 OK\r\n", b"abc")
 EXTRAS = (b"", b"", b"", b"HTTP/1.1 200 OK\r\n\r\n", b"0\r\n\r\n", b"\r\n", b"x")
@@ -334,6 +364,53 @@ def _long_trailer(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
     return body.wire(), Outcome("error", body.payload())
 
 
+def _bad_extension(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
+    k = rng.randrange(len(body.chunks) + 1)  # k == len: the last-chunk line
+    ext = rng.choice(BAD_EXTENSIONS)
+    if rng.random() < 0.3:  # after a valid one
+        ext = rng.choice(EXTENSIONS) + ext
+    if k < len(body.chunks):
+        line = body.chunks[k][0].partition(b";")[0]
+        body.chunks[k] = (line + ext, body.chunks[k][1])
+    else:
+        body.last = body.last.partition(b";")[0] + ext
+    return body.wire(), Outcome("error", body.payload(k))
+
+
+def _bad_trailer(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
+    body.trailers.insert(rng.randrange(len(body.trailers) + 1), rng.choice(BAD_TRAILERS))
+    return body.wire(), Outcome("error", body.payload())
+
+
+def trailer_lines(rng: random.Random, total: int) -> list[bytes]:
+    """Valid field lines that make a trailer section of exactly ``total`` bytes (final CRLF
+    included; ``total`` is 2 or at least 6), none longer than ``MAX_CHUNK_LINE``: long lines,
+    short ones or runs of the shortest."""
+    lines = []
+    left = total - 2  # always 0 or at least 4
+    while left:
+        if left <= MAX_CHUNK_LINE and (left < 10 or rng.random() < 0.3):
+            size = left
+        elif rng.random() < 0.5:
+            size = 6
+        else:
+            size = rng.randint(4, min(MAX_CHUNK_LINE, left - 4))
+        lines.append(b"x: y" if size == 6 else b"x:" + b"v" * (size - 4))  # size with CRLF
+        left -= size
+    return lines
+
+
+def _trailers_at_the_cap(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
+    body.trailers = trailer_lines(rng, MAX_TRAILERS - rng.choice((0, 0, 1, 2, 100)))
+    return body.wire(), Outcome("done", body.payload(), body.extra)
+
+
+def _trailers_too_long(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
+    over = rng.choice((1, 2, 3, 4, rng.randint(5, MAX_TRAILERS)))
+    body.trailers = trailer_lines(rng, MAX_TRAILERS + over)
+    return body.wire(), Outcome("error", body.payload())
+
+
 def _huge_size(rng: random.Random, body: Body) -> tuple[bytes, Outcome]:
     """A size of 16 hex digits that no body reaches: all that follows is chunk data."""
     k = rng.randrange(len(body.chunks) + 1)
@@ -388,7 +465,7 @@ def _mutated(rng: random.Random, body: Body) -> tuple[bytes, Outcome | None]:
 
 PIECES = (b"0", b"1", b"5", b"a", b"F", b"f" * 16, b"1" + b"0" * 16, b"\r\n", b"\r", b"\n",
           b";", b";a=b", b" ", b"\t", b"0x", b"-", b"hello", b"0\r\n\r\n", b"5\r\nhello\r\n",
-          b"x: y\r\n", b"\x00")
+          b"x: y\r\n", b"\x00", b":", b"x:", b"\x7f", b";\n")
 
 
 def _pieces(rng: random.Random, body: Body | None) -> tuple[bytes, Outcome | None]:
@@ -404,12 +481,16 @@ MAKERS: dict[str, Maker] = {
     "bad size line": _bad_size,
     "no CRLF after data": _no_crlf_after_data,
     "trailer line too long": _long_trailer,
+    "bad chunk extension": _bad_extension,
+    "bad trailer line": _bad_trailer,
+    "trailer section at the cap": _trailers_at_the_cap,
+    "trailer section too long": _trailers_too_long,
     "huge size": _huge_size,
     "truncated": _truncated,
     "mutated": _mutated,
     "pieces": _pieces,
 }
-WEIGHTS = (30, 14, 8, 2, 2, 10, 24, 10)  # how often each kind of case comes, in percent
+WEIGHTS = (26, 12, 8, 2, 4, 4, 2, 2, 2, 10, 20, 8)  # how often each kind comes, in percent
 
 
 def random_case(rng: random.Random) -> tuple[str, bytes, Outcome | None]:
@@ -495,8 +576,21 @@ E, D, INC = "error", "done", "incomplete"
     (b"A\r\n0123456789\r\n0\r\n\r\n", Outcome(D, b"0123456789")),
     (b"2\r\n\r\n\r\n0\r\n\r\n", Outcome(D, b"\r\n")),
     (b"000000000000000a\r\n0123456789\r\n0\r\n\r\n", Outcome(D, b"0123456789")),
-    (b"5;x\nfoo\r\nhello\r\n0\r\n\r\n", Outcome(D, b"hello")),  # lax: a bare LF in the ext
-    (b"0\r\nbad trailer\x00\r\n\r\n", Outcome(D, b"")),  # lax: trailers are not parsed
+    (b"5;x\nfoo\r\nhello\r\n0\r\n\r\n", Outcome(E, b"")),  # a bare LF in the ext (h11: too)
+    (b"0\r\nbad trailer\x00\r\n\r\n", Outcome(E, b"")),  # not a field line (h11: too)
+    (b"5;a=\x00\r\nhello\r\n0\r\n\r\n", Outcome(E, b"")),  # NUL in the ext
+    (b"5\r\nhello\r\n0;\x7f\r\n\r\n", Outcome(E, b"hello")),  # DEL in the last-chunk's ext
+    (b"5;a\r\r\nhello\r\n0\r\n\r\n", Outcome(E, b"")),  # a bare CR in the ext
+    (b'5;q="\ta\xff" \t\r\nhello\r\n0;a\t\r\n\r\n', Outcome(D, b"hello")),  # HTAB, obs-text
+    (b"5;a\n", Outcome(INC, b"")),  # the fault counts at the end of the line
+    (b"0\r\nx-t: 1\r\netag: \"a\"\r\nx:\r\nx-o: \xc3\xa9\t;\r\n\r\n", Outcome(D, b"")),
+    (b"0\r\nnocolon\r\n\r\n", Outcome(E, b"")),
+    (b"0\r\nx : y\r\n\r\n", Outcome(E, b"")),  # no space before the colon
+    (b"0\r\n: y\r\n\r\n", Outcome(E, b"")),  # no name
+    (b"0\r\nx: a\nb: c\r\n\r\n", Outcome(E, b"")),  # a bare LF (h11: "b: c" is a line)
+    (b"0\r\nx: y\r\n folded\r\n\r\n", Outcome(E, b"")),  # obs-fold (h11 joins it)
+    (b"0\r\nx: \x01\r\n\r\n", Outcome(E, b"")),  # a control character (h11 takes it)
+    (b"0\r\nbad", Outcome(INC, b"")),  # not a fault before the end of the line
     (b"0000000000000000a\r\nx", Outcome(E, b"")),  # 17 digits
     (b"ffffffffffffffff\r\nabc", Outcome(INC, b"abc")),  # 16 digits: fine, and never ends
     (b"0x5\r\nhello\r\n", Outcome(E, b"")),
@@ -512,12 +606,26 @@ E, D, INC = "error", "done", "incomplete"
     (b"5\r\nhel", Outcome(INC, b"hel")),
     (b"5\r\nhello\r\n3\r\nabc\r\nzz\r\n", Outcome(E, b"helloabc")),
     (b"5\r\nhello\r\n0\r\n\r", Outcome(INC, b"hello")),
-    (b"5\r\nhello\r\n0\r\n\rX\r\n\r\n", Outcome(D, b"hello")),  # "\rX" is a trailer line
+    (b"5\r\nhello\r\n0\r\n\rX\r\n\r\n", Outcome(E, b"hello")),  # "\rX": not a field line
     (b"1;" + b"a" * (MAX_CHUNK_LINE - 4) + b"\r\nx\r\n0\r\n\r\n", Outcome(D, b"x")),
     (b"1;" + b"a" * (MAX_CHUNK_LINE - 3) + b"\r\nx\r\n0\r\n\r\n", Outcome(E, b"")),
     (b"1;" + b"a" * (MAX_CHUNK_LINE - 3), Outcome(INC, b"")),  # the cap is not reached yet
     (b"1;" + b"a" * (MAX_CHUNK_LINE - 2), Outcome(E, b"")),
     (b"0\r\n" + b"t" * MAX_CHUNK_LINE, Outcome(E, b"")),
+    # The trailer section: at most MAX_TRAILERS bytes, its final CRLF included.
+    (b"0\r\n" + b"x: y\r\n" * 5000, Outcome(E, b"")),  # trailer lines without end
+    (b"0\r\n" + b"x: y\r\n" * 5000 + b"\r\n", Outcome(E, b"")),
+    (b"0\r\n" + b"x: y\r\n" * 2730, Outcome(INC, b"")),  # 16,380 bytes: room for the end
+    (b"0\r\n" + b"x: y\r\n" * 2730 + b"\r\n", Outcome(D, b"")),
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyy\r\n\r\n", Outcome(D, b"")),  # 16,384 bytes
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyyy\r\n\r\n", Outcome(E, b"")),  # 16,385
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyyy\r\n", Outcome(E, b"")),  # no room left
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyy\r\n\r", Outcome(INC, b"")),
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyy\r\na", Outcome(INC, b"")),
+    (b"0\r\n" + b"x: y\r\n" * 2729 + b"x: yyy\r\nab", Outcome(E, b"")),  # 16,384, no end
+    (b"0\r\n" + (b"x:" + b"v" * (MAX_CHUNK_LINE - 4) + b"\r\n") * 3
+     + b"x:" + b"v" * (MAX_CHUNK_LINE - 6) + b"\r\n\r\nNEXT", Outcome(D, b"", b"NEXT")),
+    (b"0\r\n" + (b"x:" + b"v" * (MAX_CHUNK_LINE - 4) + b"\r\n") * 4 + b"\r\n", Outcome(E, b"")),
 ])
 def test_reference_and_decoder_on_written_cases(wire: bytes, expect: Outcome) -> None:
     assert reference_decode(wire) == expect

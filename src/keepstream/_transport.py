@@ -55,14 +55,21 @@ __all__ = ["FastTransport"]
 READ_SIZE = 16 * 1024
 #: Largest response head (status line and headers).
 MAX_HEAD = 64 * 1024
-#: Largest chunk-size line (with extensions) and trailer section.
+#: Largest chunk-size line (with extensions) or trailer line, CRLF included.
 MAX_CHUNK_LINE = 4 * 1024
+#: Largest trailer section (its field lines with their CRLFs, and the final CRLF). Without it
+#: an upstream sending trailer lines without end would hold a body open for ever. 16 KiB is
+#: h11's default cap on an incomplete event (httpx's default transport, through httpcore,
+#: allows 100 KiB); keepstream drops trailers, so refusing more costs nothing it uses.
+MAX_TRAILERS = 4 * MAX_CHUNK_LINE
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _HEXDIGITS = b"0123456789abcdefABCDEF"
+#: A trailer field line: a token, ":", then no control character but HTAB (OWS included).
+_FIELD_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*")
 #: Bytes left in a read below which the general loop finishes it (no fast-path attempt).
 _FAST_MIN = 512
 
@@ -169,18 +176,26 @@ class _ChunkedDecoder:
 
     ``feed(data)`` returns the body bytes that ``data`` completes (joined) and sets ``done``
     once the last chunk and the trailer section have arrived; bytes after that are
-    ``leftover``. Chunk extensions are ignored, trailers are read and dropped. On malformed
-    framing ``feed`` raises ``httpx.RemoteProtocolError``; the body bytes that ``data``
-    completed before the fault are then in ``partial``, for the caller to pass on first.
+    ``leftover``. Chunk extensions are ignored and trailers are read and dropped, but both
+    are checked, so that what h11 (httpx's default transport) refuses is refused here too: an
+    extension holds no control character (HTAB aside), a trailer line is a field line (a
+    token, ``:``, a value without control characters; no obs-fold), a size or trailer line is
+    at most ``MAX_CHUNK_LINE`` bytes and the trailer section at most ``MAX_TRAILERS``. One
+    exception, on purpose: whitespace before ``;`` (BWS, which RFC 9112 allows and h11
+    refuses) is accepted. On malformed framing ``feed`` raises ``httpx.RemoteProtocolError``;
+    the body bytes that ``data`` completed before the fault are then in ``partial``, for the
+    caller to pass on first.
     """
 
-    __slots__ = ("_buf", "_fast", "_remaining", "_state", "done", "leftover", "partial")
+    __slots__ = ("_buf", "_fast", "_remaining", "_state", "_trailers", "done", "leftover",
+                 "partial")
 
     def __init__(self) -> None:
         self._fast = True
         self._buf = b""
         self._remaining = 0
         self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._trailers = 0  # bytes of the trailer section consumed so far
         self.done = False
         self.leftover = b""
         self.partial = b""
@@ -231,6 +246,10 @@ class _ChunkedDecoder:
                 pos = i + 2
                 semi = line.find(b";")
                 if semi >= 0:
+                    # h11 takes any extension but a bare LF; no control character is valid.
+                    if _BAD_VALUE.search(line, semi) is not None:
+                        raise self._error(
+                            f"invalid character in chunk extension {line[:40]!r}", out)
                     line = line[:semi]
                 line = line.rstrip(b" \t")
                 if _HEX.fullmatch(line) is None:
@@ -248,7 +267,14 @@ class _ChunkedDecoder:
                 if i < 0:
                     if n - pos >= MAX_CHUNK_LINE:
                         raise self._error("trailer line too long", out)
+                    if self._trailers + n - pos >= MAX_TRAILERS:
+                        raise self._error("trailer section too long", out)
                     break
+                if _FIELD_LINE.fullmatch(data, pos, i) is None:
+                    raise self._error(f"malformed trailer line {data[pos:i][:40]!r}", out)
+                self._trailers += i + 2 - pos
+                if self._trailers > MAX_TRAILERS - 2:  # no room left for the final CRLF
+                    raise self._error("trailer section too long", out)
                 pos = i + 2
         if pos < n:
             self._buf = data[pos:]

@@ -18,6 +18,7 @@ import trio
 
 from keepstream import ServerConfig
 from keepstream._h1 import serve_lean
+from keepstream._supervisor import SINK_TAKEN
 from keepstream.testing import FakeUpstream, chaos_request, run_keepstream
 
 from .conftest import make_config
@@ -444,4 +445,4 @@ async def test_paced_stream_takes_the_direct_path(
             sid = res.header("keepstream-id")
             assert sid is not None
             assert (await ks.wait_terminal(sid.decode()))["status"] == "completed"
-    assert calls.count(_h1.SINK_TAKEN) >= 10, calls  # most events went the direct way
+    assert calls.count(SINK_TAKEN) >= 10, calls  # most events went the direct way

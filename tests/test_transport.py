@@ -281,6 +281,23 @@ async def start(nursery: trio.Nursery, handler: Handler) -> RawServer:
     return server
 
 
+async def body_until_error(port: int, match: str | None = None) -> bytes:
+    """GET ``/`` on ``port`` through :class:`FastTransport`; the body bytes that came out
+    before the ``RemoteProtocolError`` the test expects (``match``: its message)."""
+    got = bytearray()
+
+    async def read_all(r: httpx.Response) -> None:
+        async for piece in r.aiter_raw():
+            got.extend(piece)
+
+    with trio.fail_after(5):
+        async with httpx.AsyncClient(transport=FastTransport()) as client, \
+                client.stream("GET", f"http://127.0.0.1:{port}/") as r:
+            with pytest.raises(httpx.RemoteProtocolError, match=match):
+                await read_all(r)
+    return bytes(got)
+
+
 async def test_request_bytes_and_keep_alive_reuse(nursery: trio.Nursery) -> None:
     seen: list[bytes] = []
 
@@ -348,17 +365,7 @@ async def test_body_cut_short_yields_the_bytes_then_fails(
         await stream.aclose()
 
     server = await start(nursery, handler)
-    got = bytearray()
-
-    async def read_all(r: httpx.Response) -> None:
-        async for piece in r.aiter_raw():
-            got.extend(piece)
-
-    with trio.fail_after(5):
-        async with httpx.AsyncClient(transport=FastTransport()) as client, \
-                client.stream("GET", f"http://127.0.0.1:{server.port}/") as r:
-            with pytest.raises(httpx.RemoteProtocolError):
-                await read_all(r)
+    got = await body_until_error(server.port)
     assert got == b"hellowor"
 
 
@@ -375,17 +382,7 @@ async def test_endless_trailers_end_the_body_with_an_error(nursery: trio.Nursery
             await trio.sleep(0.001)
 
     server = await start(nursery, handler)
-    got = bytearray()
-
-    async def read_all(r: httpx.Response) -> None:
-        async for piece in r.aiter_raw():
-            got.extend(piece)
-
-    with trio.fail_after(5):
-        async with httpx.AsyncClient(transport=FastTransport()) as client, \
-                client.stream("GET", f"http://127.0.0.1:{server.port}/") as r:
-            with pytest.raises(httpx.RemoteProtocolError, match="trailer section too long"):
-                await read_all(r)
+    got = await body_until_error(server.port, "trailer section too long")
     assert got == b"hello"
 
 

@@ -37,8 +37,8 @@ import pytest
 import trio
 
 from keepstream import _transport
-from keepstream._transport import MAX_CHUNK_LINE, MAX_TRAILERS, FastTransport, _ChunkedDecoder
-from tests.test_transport import read_request, start
+from keepstream._transport import MAX_CHUNK_LINE, MAX_TRAILERS, _ChunkedDecoder
+from tests.test_transport import body_until_error, read_request, start
 
 FAST_MIN = _transport._FAST_MIN  # the module's own value; check_chunked sets it per input
 
@@ -672,15 +672,5 @@ async def test_regression_transport_yields_the_chunks_before_a_framing_error(
         await stream.aclose()
 
     server = await start(nursery, handler)
-    got = bytearray()
-
-    async def read_all(r: httpx.Response) -> None:
-        async for piece in r.aiter_raw():
-            got.extend(piece)
-
-    with trio.fail_after(5):
-        async with httpx.AsyncClient(transport=FastTransport()) as client, \
-                client.stream("GET", f"http://127.0.0.1:{server.port}/") as r:
-            with pytest.raises(httpx.RemoteProtocolError, match="malformed chunk size"):
-                await read_all(r)
+    got = await body_until_error(server.port, "malformed chunk size")
     assert got == b"helloworld"

@@ -1,6 +1,8 @@
 """The direct path (``LiveStream.wait_direct``): the stream task hands new chunks to a
-caught-up subscriber's sink itself, waking that subscriber's task only when it must act.
-No sockets: a scripted upstream and sinks that record what they were given."""
+caught-up subscriber's direct path itself, waking that subscriber's task only when it must
+act, and the parked subscriber learns from the same path that its client left. No sockets: a
+scripted upstream and direct paths that record what they were given (the lean engine's real
+one is tested over sockets in test_lean_engine.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,43 @@ async def _start(proxy: object, feed: Feed) -> LiveStream:
     return stream
 
 
-async def test_sink_takes_chunks_without_waking_the_subscriber(
+class Recorder:
+    """A server's direct path as the lean engine's connection behaves (``_supervisor.Direct``):
+    ``send_nowait`` answers from a script and records what it was given; ``wait_client``
+    waits until ``wake()`` or until the test says the client left."""
+
+    def __init__(self, replies: list[int] | None = None, default: int = SINK_TAKEN) -> None:
+        self.replies = replies or []
+        self.default = default
+        self.got: list[bytes] = []
+        self.wakes = 0
+        self.gone = False
+        self._event = trio.Event()
+
+    def send_nowait(self, body: bytes) -> int:
+        self.got.append(body)
+        return self.replies.pop(0) if self.replies else self.default
+
+    def wake(self) -> None:
+        self.wakes += 1
+        self._event.set()
+
+    def leave(self) -> None:
+        self.gone = True
+        self._event.set()
+
+    async def wait_client(self) -> bool:
+        if self.gone:
+            return True
+        self._event = trio.Event()
+        await self._event.wait()
+        return self.gone
+
+    def client_gone(self) -> bool:
+        return self.gone
+
+
+async def test_direct_path_takes_chunks_without_waking_the_subscriber(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     feed = Feed()
@@ -55,18 +93,12 @@ async def test_sink_takes_chunks_without_waking_the_subscriber(
             as proxy:
         stream = await _start(proxy, feed)
         sub = stream.subscribe()
-        got: list[bytes] = []
-        replies = [SINK_TAKEN, SINK_TAKEN, SINK_BLOCKED]
-
-        def sink(data: bytes) -> int:
-            got.append(data)
-            return replies.pop(0)
-
-        woke_at: list[int] = []
+        direct = Recorder([SINK_TAKEN, SINK_TAKEN, SINK_BLOCKED])
+        woke: list[tuple[int, bool]] = []
 
         async def subscriber() -> None:
-            await stream.wait_direct(sub, sink)
-            woke_at.append(len(got))
+            left = await stream.wait_direct(sub, direct)
+            woke.append((len(direct.got), left))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(subscriber)
@@ -74,12 +106,12 @@ async def test_sink_takes_chunks_without_waking_the_subscriber(
             for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
                 await feed.send.send(chunk)
                 await trio.sleep(1)
-            assert got == [b"data: 1\n\n", b"data: 2\n\n"]
-            assert sub.offset == stream.end == 18 and woke_at == []  # still asleep
+            assert direct.got == [b"data: 1\n\n", b"data: 2\n\n"]
+            assert sub.offset == stream.end == 18 and woke == []  # still asleep
             await feed.send.send(b"data: 3\n\n")  # the socket takes part of it: wake up
             await trio.sleep(1)
-            assert woke_at == [3] and sub.must_flush and sub.offset == 27
-            assert sub.sink is None and stream._sinks == 0
+            assert woke == [(3, False)] and sub.must_flush and sub.offset == 27
+            assert direct.wakes == 1 and sub.direct is None and stream._parked == 0
         await feed.send.aclose()
         await stream.done.wait()
         assert stream.record.status == "completed"
@@ -95,41 +127,88 @@ async def test_a_refused_chunk_is_left_for_the_subscriber_and_finish_wakes_it(
         sub = stream.subscribe()
         await feed.send.send(b"data: 0\n\n")
         await trio.sleep(1)
-        # Not caught up: wait_direct returns at once, the sink is never attached.
-        await stream.wait_direct(sub, lambda data: SINK_TAKEN)
-        assert sub.sink is None and sub.offset == 0
+        # Not caught up: wait_direct returns at once, nothing is parked.
+        never = Recorder()
+        assert await stream.wait_direct(sub, never) is False
+        assert sub.direct is None and sub.offset == 0 and never.got == []
         sub.offset = stream.end
-        refused: list[bytes] = []
-
-        def sink(data: bytes) -> int:
-            refused.append(data)
-            return SINK_REFUSED
+        refusing = Recorder(default=SINK_REFUSED)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.wait_direct, sub, sink)
+            nursery.start_soon(stream.wait_direct, sub, refusing)
             await trio.sleep(1)
             await feed.send.send(b"data: 1\n\n")
             await trio.sleep(1)
         # Woken with the chunk still to send: offset not advanced, the read gives it.
-        assert refused == [b"data: 1\n\n"] and sub.offset == 9 and not sub.must_flush
+        assert refusing.got == [b"data: 1\n\n"] and refusing.wakes == 1
+        assert sub.offset == 9 and not sub.must_flush
         assert stream.read(sub) == b"data: 1\n\n"
         sub.offset = stream.end
-        other = stream.subscribe(stream.end)  # a second subscriber without a sink
-        taken: list[bytes] = []
-
-        def keep(data: bytes) -> int:
-            taken.append(data)
-            return SINK_TAKEN
+        other = stream.subscribe(stream.end)  # a second subscriber without a direct path
+        keep = Recorder()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream.wait_direct, sub, keep)
             await trio.sleep(1)
             await feed.send.send(b"data: 2\n\n")
             await trio.sleep(1)
-            assert taken == [b"data: 2\n\n"] and sub.offset == stream.end
+            assert keep.got == [b"data: 2\n\n"] and sub.offset == stream.end
+            assert keep.wakes == 0
             assert other.offset == 18 < stream.end  # the other one reads it itself
-            await feed.send.aclose()  # the stream finishes: the waiting subscriber returns
+            await feed.send.aclose()  # the stream finishes: the parked subscriber is woken
+        assert keep.wakes == 1
         assert stream.finished and stream.record.status == "completed"
         stream.unsubscribe(sub, client_left=False)
         stream.unsubscribe(other, client_left=False)
-        assert stream._sinks == 0
+        assert stream._parked == 0
+
+
+async def test_a_client_that_leaves_while_parked_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    feed = Feed()
+    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
+            as proxy:
+        stream = await _start(proxy, feed)
+        sub = stream.subscribe()
+        direct = Recorder()
+        left: list[bool] = []
+
+        async def subscriber() -> None:
+            left.append(await stream.wait_direct(sub, direct))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscriber)
+            await trio.sleep(1)
+            direct.leave()
+        assert left == [True] and sub.direct is None and stream._parked == 0
+        # Unparked: later chunks are not handed to the departed client's path.
+        await feed.send.send(b"data: 1\n\n")
+        await trio.sleep(1)
+        assert direct.got == [] and sub.offset == 0
+        stream.unsubscribe(sub, client_left=True)
+        await feed.send.aclose()
+        await stream.done.wait()
+
+
+async def test_wait_ready_parks_until_the_headers_and_hands_off_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    feed = Feed()
+    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
+            as proxy:
+        sup = proxy.supervisor
+        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
+                                        "http://upstream.invalid/s", [], b"")
+        sub = stream.subscribe()
+        direct = Recorder()
+        assert await stream.wait_ready(sub, direct) is False  # woken by the response head
+        assert stream.response_ready.is_set() and direct.wakes == 1 and direct.got == []
+        # A client that left before the head: True at once.
+        gone = Recorder()
+        gone.leave()
+        late = LiveStream(sup, stream.record, stream.route, stream.url, [], b"")
+        assert await late.wait_ready(late.subscribe(), gone) is True
+        await feed.send.aclose()
+        await stream.done.wait()
+        stream.unsubscribe(sub, client_left=False)

@@ -5,7 +5,9 @@ request body (capped), ask the supervisor for a stream, then relay it in a nurse
 downstream writer (this task) and the disconnect watcher (``receive()`` -> ``http.disconnect``).
 Hypercorn never raises on a ``send()`` after the client left, so the watcher is the only reliable
 signal (I3). Whatever was waiting in the live buffer is sent in one ``send()`` (coalescing), and a
-lone chunk is sent at once.
+lone chunk is sent at once. A server that offers the direct path (``keepstream.direct``, the lean
+engine) watches the client itself: the relay is then this task alone, parked in the server while
+the stream task writes new chunks straight to the client's socket.
 
 A response is ended cleanly (final empty body) only when the stream is ``completed``. Otherwise
 the app returns without ending it, and Hypercorn closes the connection without the terminating
@@ -39,9 +41,9 @@ from ._rules import (
 from ._state import Ending, Status
 from ._supervisor import (
     MAX_SEND,
+    Direct,
     Lagging,
     LiveStream,
-    Sink,
     StreamRefused,
     Subscriber,
     Supervisor,
@@ -52,7 +54,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: The scope extension through which a server offers the direct path (a :data:`Sink`).
+#: The scope extension through which a server offers the direct path (a
+#: :class:`~keepstream._supervisor.Direct`).
 DIRECT_EXTENSION = "keepstream.direct"
 
 _STREAM_PATH = re.compile(r"^/_keepstream/streams/([0-9a-f]{1,64})(/body|/cancel)?$")
@@ -480,9 +483,19 @@ class KeepstreamApp:
         self, stream: LiveStream, receive: Receive, send: Send, scope: Scope | None = None
     ) -> None:
         sub = stream.subscribe()
-        # The lean engine's direct path (``_h1.py``): the stream task writes new chunks to this
-        # client's socket itself while this task waits.
-        sink = None if scope is None else scope.get("extensions", {}).get(DIRECT_EXTENSION)
+        # The lean engine's direct path (``_h1.py``): this task parks in the server, which
+        # watches the client, while the stream task writes new chunks to the client's socket
+        # itself. Not for rewritten (resumable) streams: every event goes through this task.
+        direct: Direct | None = None
+        if scope is not None and not stream.route.resumable:
+            direct = scope.get("extensions", {}).get(DIRECT_EXTENSION)
+        if direct is not None:
+            ok = False
+            try:
+                ok = await self._respond(stream, sub, send, direct)
+            finally:
+                stream.unsubscribe(sub, client_left=sub.dropped or not ok)
+            return
         client_left = False
         ok = False
         watched = _EndWatch(send)
@@ -500,16 +513,21 @@ class KeepstreamApp:
                             return
 
                 nursery.start_soon(watch_disconnect)
-                ok = await self._respond(stream, sub, watched, sink)
+                ok = await self._respond(stream, sub, watched)
                 nursery.cancel_scope.cancel()
         finally:
             stream.unsubscribe(sub, client_left=client_left or sub.dropped or not ok)
 
     async def _respond(
-        self, stream: LiveStream, sub: Subscriber, send: Send, sink: Sink | None = None
+        self, stream: LiveStream, sub: Subscriber, send: Send, direct: Direct | None = None
     ) -> bool:
-        """Send the response; True when the client got all of it."""
-        await stream.response_ready.wait()
+        """Send the response; True when the client got all of it (False: it left, or was
+        dropped). ``direct``: the server's direct path, which also tells when the client
+        left (without it a watcher task cancels this one)."""
+        if direct is None:
+            await stream.response_ready.wait()
+        elif await stream.wait_ready(sub, direct):
+            return False
         sid = stream.record.id
         if stream.upstream_status is None:
             status = stream.record.status
@@ -527,7 +545,7 @@ class KeepstreamApp:
                                      max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
                     "headers": headers})
-        if not await _pump(stream, sub, send, self.supervisor, rewriter, sink):
+        if not await _pump(stream, sub, send, self.supervisor, rewriter, direct):
             return False
         if rewriter is not None and rewriter.overflowed:
             return True  # cut without a clean end: the rest cannot carry resumable ids
@@ -568,15 +586,16 @@ def reconnect_event(stream: LiveStream, rewriter: EventRewriter | None = None) -
 
 async def _pump(
     stream: LiveStream, sub: Subscriber, send: Send, sup: Supervisor,
-    rewriter: EventRewriter | None = None, sink: Sink | None = None,
+    rewriter: EventRewriter | None = None, direct: Direct | None = None,
 ) -> bool:
     """Copy the stream to ``send`` from ``sub.offset`` until it finishes (or ``rewriter``
-    overflowed). False if the subscriber was dropped. ``sink``: the server's direct path
-    (see :meth:`LiveStream.wait_direct`), used while caught up unless events are rewritten."""
+    overflowed). False if the subscriber was dropped or (``direct``) the client left.
+    ``direct``: the server's direct path (see :meth:`LiveStream.wait_direct`), used while caught
+    up; never with a rewriter."""
+    assert direct is None or rewriter is None
     writer = sup.writer
-    direct = sink if rewriter is None else None
     while True:
-        if sub.dropped:
+        if sub.dropped or (direct is not None and direct.client_gone()):
             return False
         try:
             data = stream.read(sub)
@@ -602,7 +621,8 @@ async def _pump(
         if stream.finished:
             return True
         if direct is not None:
-            await stream.wait_direct(sub, direct)
+            if await stream.wait_direct(sub, direct):
+                return False
         else:
             await stream.wait_data(sub.offset)
 

@@ -1,8 +1,9 @@
 """The lean HTTP/1.1 engine: ``keepstream serve --engine lean``.
 
 An ASGI HTTP/1.1 server on trio sockets, for keepstream's own app, with one task per connection
-(the app runs in it; keepstream's disconnect watcher is the only other task that touches the
-connection, and only to read). It exists for speed: under Hypercorn every connection carries a
+(the app runs in it). Through the direct path (``keepstream.direct``, this connection as a
+``_supervisor.Direct``) the relay parks here while the stream task writes new chunks to the
+socket itself, and the connection tells the relay when the client left: no watcher task. It exists for speed: under Hypercorn every connection carries a
 ``TCPServer``, a task group, an idle task and h11 on both directions, and every response write
 takes a lock and a scheduler pass; the minimal relay on Hypercorn alone costs more CPU per
 request than issue 8's whole budget (docs/performance.md).
@@ -263,7 +264,7 @@ class _Connection:
             "headers": headers,
             "client": self.client,
             "server": self.server.server,
-            "extensions": {DIRECT_EXTENSION: self.send_nowait},
+            "extensions": {DIRECT_EXTENSION: self},
         }
         self._head_only = method == "HEAD"
         try:
@@ -404,12 +405,46 @@ class _Connection:
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
+    # -- the direct path (keepstream._supervisor.Direct) -----------------------------------
+
+    async def wait_client(self) -> bool:
+        """Until :meth:`wake` (or the end of the response); True when the client left. Reads
+        what the client sends meanwhile as the next request's bytes (up to
+        ``MAX_READ_AHEAD``), as :meth:`receive` does after the body. Only after the request
+        body was read whole."""
+        if self._peer_gone or self._broken:
+            return True
+        h = self._h
+        assert h is not None and self._body_done
+        scope = trio.CancelScope()
+        self._recv_scope = scope
+        try:
+            with scope:
+                while not self._response_done:
+                    if len(h.trailing_data[0]) >= MAX_READ_AHEAD:
+                        await trio.sleep_forever()  # until woken
+                    data = await self._recv()
+                    if data is None:
+                        return True
+                    h.receive_data(data)
+        finally:
+            self._recv_scope = None
+        return self.client_gone()
+
+    def wake(self) -> None:
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    def client_gone(self) -> bool:
+        return self._peer_gone or self._broken  # broken: nothing more reaches the client
+
     def send_nowait(self, body: bytes) -> int:
-        """The direct path (the ``keepstream.direct`` scope extension, a ``Sink``): frame
-        ``body`` as the next chunk and write it now, from whichever task calls it, never
-        waiting. ``SINK_BLOCKED``: the socket took part of it; the rest goes out first with
-        the app's next ``send()``. Refused (the app sends it itself) unless the response is a
-        chunked one in progress with nothing else waiting to be written."""
+        """The direct path's write (the ``keepstream.direct`` scope extension is this
+        connection, a ``Direct``): frame ``body`` as the next chunk and write it now, from
+        whichever task calls it, never waiting. ``SINK_BLOCKED``: the socket took part of it;
+        the rest goes out first with the app's next ``send()``. Refused (the app sends it
+        itself) unless the response is a chunked one in progress with nothing else waiting to
+        be written."""
         if not self._chunked or not self._started or self._response_done or self._broken or \
                 self._pending or self._lock.locked():
             return SINK_REFUSED

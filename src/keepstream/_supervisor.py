@@ -9,7 +9,9 @@ from their own offset and never own the upstream connection, so the stream can o
 
 Memory (I8): the live buffer keeps the bytes from the slowest subscriber's offset, capped at
 ``stream_buffer_bytes``. Bytes past the cap that the journal has already made durable are dropped
-from memory; a subscriber that falls behind them reads the journal instead. Bytes not yet durable
+from memory; a subscriber that falls behind them reads the journal instead. With a journal that
+keeps bodies, bytes every subscriber has sent are dropped once durable too (every
+``TRIM_EVERY`` chunks), so an idle stream holds a few chunks, not the cap. Bytes not yet durable
 are never dropped (the journal writer flushes once ``flush_bytes`` are pending, so this is
 bounded too). With journal ``none`` a subscriber that falls behind the cap is dropped as stalled.
 """
@@ -20,8 +22,8 @@ import errno
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 import trio
@@ -33,6 +35,7 @@ from ._record import Record, new_stream_id
 from ._rules import filter_response_headers
 from ._sse import SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
+from ._transport import RAW_BODY
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -40,6 +43,12 @@ log = logging.getLogger("keepstream")
 
 #: Most bytes one downstream ``send()`` carries when several chunks are waiting.
 MAX_SEND = 16 * 1024
+
+#: With a journal that keeps bodies, every this many chunks the live buffer drops what every
+#: subscriber has sent and the journal has made durable, whatever the buffer's size: an open
+#: stream holds a few chunks in memory, not ``stream_buffer_bytes`` (a late reader reads the
+#: journal, as one that fell behind does).
+TRIM_EVERY = 16
 
 
 #: errno values of a connect that failed on this host's limits, not the upstream's fault.
@@ -70,20 +79,45 @@ class Lagging(Exception):
     """The subscriber's offset is older than the live buffer: read the journal instead."""
 
 
-#: A subscriber's direct sink (:meth:`LiveStream.wait_direct`): called by the stream task with
-#: each new chunk; returns one of the three values below.
-Sink = Callable[[bytes], int]
+#: What :meth:`Direct.send_nowait` returns.
 SINK_REFUSED = 0  # not taken: the subscriber's task sends it as usual
 SINK_TAKEN = 1  # written out whole
 SINK_BLOCKED = 2  # taken, but the rest waits for the socket: the subscriber's task must flush
+
+
+class Direct(Protocol):
+    """The direct path a server offers one response (the ``keepstream.direct`` scope
+    extension; the lean engine's connection is one). With it the relay is one task: it parks
+    in :meth:`wait_client`, which watches the client's socket, and the stream task writes new
+    chunks with :meth:`send_nowait` and ends the wait with :meth:`wake` when the relay must
+    act. No separate disconnect watcher, so one task less per stream."""
+
+    def send_nowait(self, body: bytes) -> int:
+        """Write ``body`` as the response's next piece now, never waiting: a ``SINK_*``."""
+        ...
+
+    def wake(self) -> None:
+        """End a :meth:`wait_client` in progress (called by the stream task)."""
+        ...
+
+    async def wait_client(self) -> bool:
+        """Until :meth:`wake` or the client leaves; True when it left."""
+        ...
+
+    def client_gone(self) -> bool:
+        """True once the client has gone (a write failed, or it closed)."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
 class Subscriber:
     offset: int = 0
     dropped: bool = False
-    sink: Sink | None = None
-    #: The sink took bytes it could not write out at once (SINK_BLOCKED).
+    #: Set while the subscriber's task is parked in :meth:`LiveStream.wait_direct`.
+    direct: Direct | None = None
+    #: While parked: new chunks go to ``direct.send_nowait`` (False: only a wake-up).
+    takes: bool = False
+    #: The direct path took bytes it could not write out at once (SINK_BLOCKED).
     must_flush: bool = False
 
 
@@ -123,7 +157,7 @@ class LiveStream:
         self.end = 0  # bytes received from the upstream so far
         self._waiter: trio.Event | None = None
         self._subs: list[Subscriber] = []
-        self._sinks = 0  # subscribers with a direct sink attached
+        self._parked = 0  # subscribers parked in wait_direct
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
@@ -144,9 +178,7 @@ class LiveStream:
         """A request stopped reading. ``client_left``: it stopped before the end of the stream."""
         if sub in self._subs:
             self._subs.remove(sub)
-        if sub.sink is not None:
-            sub.sink = None
-            self._sinks -= 1
+        self._unpark(sub)
         if client_left and not self.finished and not self._subs and not self.record.detached:
             self._client_gone()
 
@@ -216,62 +248,83 @@ class LiveStream:
             await self._waiter.wait()
 
     def _wake(self) -> None:
+        """Something changed for every subscriber (new bytes, headers, the end)."""
         if self._waiter is not None:
             self._waiter.set()
             self._waiter = None
+        if self._parked:
+            for sub in self._subs:
+                direct = sub.direct
+                if direct is not None:
+                    self._unpark(sub)
+                    direct.wake()
 
-    async def wait_direct(self, sub: Subscriber, sink: Sink) -> None:
-        """:meth:`wait_data` for a subscriber that has sent everything so far, with a direct
-        path: until the stream finishes (or ``sink`` cannot take a chunk), the stream task
-        hands each new chunk to ``sink`` itself (a non-blocking write to the client's socket)
-        and advances ``sub.offset``, so a paced event wakes one task, not two. Returns when the
-        stream finished, the sink refused or blocked (``sub.must_flush``), or data is waiting
-        for ``sub`` that the sink did not take."""
+    def _unpark(self, sub: Subscriber) -> None:
+        if sub.direct is not None:
+            sub.direct = None
+            self._parked -= 1
+
+    async def wait_direct(self, sub: Subscriber, direct: Direct) -> bool:
+        """:meth:`wait_data` for a subscriber that has sent everything so far, through a
+        server's direct path (:class:`Direct`), which also watches the client: until the stream
+        finishes (or ``direct`` cannot take a chunk), the stream task writes each new chunk
+        itself and advances ``sub.offset``, so a paced event wakes one task, not two. Returns
+        True when the client left; False when the stream finished, the direct path refused or
+        blocked (``sub.must_flush``), or data is waiting for ``sub``."""
         if sub.offset < self.end or self.finished:
-            return
-        sub.sink = sink
-        self._sinks += 1
+            return False
+        return await self._park(sub, direct, takes=True)
+
+    async def wait_ready(self, sub: Subscriber, direct: Direct) -> bool:
+        """``response_ready.wait()`` while watching the client through ``direct``: True when
+        the client left first."""
+        while not self.response_ready.is_set():
+            if await self._park(sub, direct, takes=False):
+                return True
+        return False
+
+    async def _park(self, sub: Subscriber, direct: Direct, *, takes: bool) -> bool:
+        sub.direct = direct
+        sub.takes = takes
+        self._parked += 1
         try:
-            while sub.sink is not None and sub.offset >= self.end and not self.finished:
-                if self._waiter is None:
-                    self._waiter = trio.Event()
-                await self._waiter.wait()
+            return await direct.wait_client()
         finally:
-            if sub.sink is not None:
-                sub.sink = None
-                self._sinks -= 1
+            self._unpark(sub)
 
     def _push(self, data: bytes) -> None:
         self._chunks.append(data)
         self._starts.append(self.end)
         self.end += len(data)
-        if self._sinks:
+        if self._parked:
             self._hand_off(data)
-        else:
-            self._wake()
-        if self.end - self.base > self.supervisor.buffer_cap:
+        elif self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+        if self.end - self.base > self.supervisor.buffer_cap or \
+                (self.supervisor.trims_early and not len(self._chunks) % TRIM_EVERY):
             self._trim()
 
     def _hand_off(self, data: bytes) -> None:
-        """Give ``data`` to every subscriber's direct sink; wake the subscribers' tasks only
-        if one of them has to act (no sink, a refusal, a blocked socket)."""
+        """Give ``data`` to every parked subscriber's direct path; wake a subscriber's task
+        only if it has to act (not parked, a refusal, a blocked socket)."""
         wake = False
         end = self.end
         for sub in self._subs:
-            sink = sub.sink
-            if sink is None:
+            direct = sub.direct
+            if direct is None:
                 wake = True
                 continue
-            taken = sink(data)
+            taken = direct.send_nowait(data) if sub.takes else SINK_REFUSED
             if taken:
                 sub.offset = end
             if taken != SINK_TAKEN:
                 sub.must_flush = taken == SINK_BLOCKED
-                sub.sink = None
-                self._sinks -= 1
-                wake = True
-        if wake:
-            self._wake()
+                self._unpark(sub)
+                direct.wake()
+        if wake and self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
 
     def _trim(self) -> None:
         sup = self.supervisor
@@ -344,7 +397,10 @@ class LiveStream:
                         slack = idle_slack(idle)
                         armed = trio.current_time() + idle + slack
                         scope.deadline = min(self._fixed_deadline, armed)
-                        async for chunk in resp.aiter_raw():
+                        raw = resp.extensions.get(RAW_BODY)
+                        if raw is None or resp.is_stream_consumed:
+                            raw = resp.aiter_raw()  # a transport of the embedder's
+                        async for chunk in raw:
                             if not chunk:
                                 continue
                             self._push(chunk)
@@ -438,6 +494,7 @@ class Supervisor:
         self.nursery = nursery
         self.instance = instance
         self.buffer_cap = config.server.stream_buffer_bytes
+        self.trims_early = writer.backend.stores_bodies
         self.live: dict[str, LiveStream] = {}
         self._per_route: dict[str, int] = {}
         self._per_client: dict[str, int] = {}

@@ -161,6 +161,12 @@ class _Conn:
 
 
 _INF = float("inf")
+
+#: The response extension that holds the body stream itself (a ``_Body``): keepstream's stream
+#: task iterates it directly rather than through ``Response.aiter_raw()``, which adds two
+#: generators per chunk (httpx's own and the client's ``BoundAsyncStream``). Closing the
+#: response still closes it.
+RAW_BODY = "keepstream.raw_body"
 # One read buffer for the process: trio runs one task at a time, and a read is copied out of
 # it before anything awaits.
 _READ_BUF = bytearray(READ_SIZE)
@@ -632,7 +638,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status, headers=headers, stream=stream,
             extensions={"http_version": b"HTTP/1.1" if http11 else b"HTTP/1.0",
-                        "reason_phrase": reason},
+                        "reason_phrase": reason, RAW_BODY: stream},
         )
 
     async def aclose(self) -> None:

@@ -3,10 +3,11 @@
 An ASGI HTTP/1.1 server on trio sockets, for keepstream's own app, with one task per connection
 (the app runs in it). Through the direct path (``keepstream.direct``, this connection as a
 ``_supervisor.Direct``) the relay parks here while the stream task writes new chunks to the
-socket itself, and the connection tells the relay when the client left: no watcher task. It exists for speed: under Hypercorn every connection carries a
-``TCPServer``, a task group, an idle task and h11 on both directions, and every response write
-takes a lock and a scheduler pass; the minimal relay on Hypercorn alone costs more CPU per
-request than issue 8's whole budget (docs/performance.md).
+socket itself, and the connection tells the relay when the client left: no watcher task. It
+exists for speed: under Hypercorn every connection carries a ``TCPServer``, a task group, an
+idle task and h11 on both directions, and every response write takes a lock and a scheduler
+pass; the minimal relay on Hypercorn alone costs more CPU per request than issue 8's whole
+budget (docs/performance.md).
 
 What it does, and how it differs from Hypercorn (docs/configuration.md, ``engine``):
 
@@ -217,12 +218,31 @@ class _Connection:
         return None  # keep-alive timeout (or a head that never completed)
 
     async def _recv(self) -> bytes | None:
-        """Bytes from the client, or None when it closed or reset."""
+        """Bytes from the client, or None when it closed or reset. A checkpoint, as trio's
+        ``sock.recv()``, but a read on the descriptor itself: two coroutine frames less for
+        every connection parked here (the relay waits in it for the whole stream)."""
+        fd = self.fd
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            data: bytes = await self.sock.recv(RECV_SIZE)
+            data = os.read(fd, RECV_SIZE)
+        except BlockingIOError:
+            data = None
         except OSError:
             self._peer_gone = True
             return None
+        if data is None:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, RECV_SIZE)
+                    break
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._peer_gone = True
+                    return None
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         if not data:
             self._peer_gone = True
             return None

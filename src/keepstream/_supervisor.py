@@ -48,7 +48,7 @@ MAX_SEND = 16 * 1024
 #: subscriber has sent and the journal has made durable, whatever the buffer's size: an open
 #: stream holds a few chunks in memory, not ``stream_buffer_bytes`` (a late reader reads the
 #: journal, as one that fell behind does).
-TRIM_EVERY = 16
+TRIM_EVERY = 8
 
 
 #: errno values of a connect that failed on this host's limits, not the upstream's fault.
@@ -346,7 +346,7 @@ class LiveStream:
             self._chunks[j] = b""
         self._head = i
         self.base = self._starts[i]
-        if self._head > 256 and self._head * 2 > n:
+        if self._head > TRIM_EVERY and self._head * 2 > n:
             del self._chunks[: self._head]
             del self._starts[: self._head]
             self._head = 0
@@ -369,10 +369,16 @@ class LiveStream:
                     self.scope.deadline = min(
                         self._fixed_deadline, start + route.first_byte_timeout
                     )
-                    async with sup.client.stream(
+                    # ``client.stream()`` without its context-manager generator (one object
+                    # and frame less per open stream): the same build, send and close.
+                    client = sup.client
+                    request = client.build_request(
                         rec.method, self.url, headers=self.request_headers,
                         content=self.request_body, timeout=sup.timeouts[route.prefix],
-                    ) as resp:
+                    )
+                    self.request_headers, self.request_body = [], b""  # the request holds them
+                    resp = await client.send(request, stream=True)
+                    try:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()
                         raw_headers = resp.headers.raw
@@ -419,6 +425,8 @@ class LiveStream:
                             if now + idle > armed:
                                 armed = now + idle + slack
                                 scope.deadline = min(self._fixed_deadline, armed)
+                    finally:
+                        await resp.aclose()
                     self._causes.append(Ending.UPSTREAM_DONE)
             except httpx.PoolTimeout:
                 self._fail(Ending.UPSTREAM_FAILED, "upstream connection pool exhausted", 503)

@@ -401,6 +401,7 @@ class _Body(httpx.AsyncByteStream):
                     return
                 if out:
                     yield out
+            out = data = b""  # hold nothing while the stream waits (most of an idle one's life)
             data = await conn.recv(_deadline(timeout))
             if not data:
                 raise httpx.RemoteProtocolError(

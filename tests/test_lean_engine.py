@@ -446,3 +446,28 @@ async def test_paced_stream_takes_the_direct_path(
             assert sid is not None
             assert (await ks.wait_terminal(sid.decode()))["status"] == "completed"
     assert calls.count(SINK_TAKEN) >= 10, calls  # most events went the direct way
+
+
+async def test_the_head_goes_out_before_any_body(
+    fake_upstream: FakeUpstream, journal_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay parks in the engine while the upstream has answered nothing yet; the upstream's
+    head alone wakes it, so the client gets status and headers while the body has not started
+    (an LLM that answers and then thinks), and leaving then still counts as leaving."""
+    monkeypatch.setenv("KEEPSTREAM_ENGINE", "lean")
+    cfg = make_config(fake_upstream.url, journal_url, on_disconnect="cancel")
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            stream = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            await stream.send_all(b"GET /h HTTP/1.1\r\nHost: x\r\nX-Fake-Stall-After: 0\r\n"
+                                  b"X-Fake-Delay-Headers: 0.2\r\n\r\n")
+            head = b""
+            with trio.fail_after(3):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"keepstream-id: " in head
+            assert head.endswith(b"\r\n\r\n")  # nothing of the body: the upstream sent none
+            sid = head.split(b"keepstream-id: ")[1].split(b"\r\n")[0].decode()
+            await stream.aclose()
+            rec = await ks.wait_terminal(sid)
+            assert rec["client_gone_at"] is not None and rec["status"] == "cancelled"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpcore
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,3 +112,16 @@ def test_the_upstream_client_uses_it() -> None:
     # http:// goes through FastTransport; its fallback (https://) is httpx's, with this pool.
     fallback = client._transport._fallback  # type: ignore[attr-defined]
     assert type(fallback._pool) is LinearConnectionPool
+
+
+def test_only_keepstreams_own_client_has_its_transport_used_directly() -> None:
+    """The stream task skips the client's send layers only for ``make_client``'s clients:
+    an embedder's client (hooks, auth, cookies of its own) always goes through ``send``."""
+    from keepstream._proxy import own_transport_of
+    from keepstream._transport import FastTransport
+
+    client = make_client(Config(routes=(Route(prefix="/", upstream="http://127.0.0.1:9/"),)))
+    own = own_transport_of(client)
+    assert isinstance(own, FastTransport)
+    assert own is client._transport
+    assert own_transport_of(httpx.AsyncClient(transport=own)) is None

@@ -121,7 +121,7 @@ class _Server:
     def terminate(self) -> None:
         self.terminated = True
         for conn in list(self.idle):
-            conn.scope.cancel()
+            conn.close_idle()
 
 
 class _Connection:
@@ -129,9 +129,8 @@ class _Connection:
 
     __slots__ = (
         "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
-        "_head_only", "_lock", "_peer_gone", "_pending", "_recv_scope", "_response_done",
-        "_started",
-        "_unyielded", "client", "fd", "scope", "server", "sock",
+        "_head_only", "_idle_scope", "_lock", "_peer_gone", "_pending", "_recv_scope",
+        "_response_done", "_started", "_unyielded", "client", "fd", "server", "sock",
     )
 
     def __init__(self, server: _Server, sock: trio.socket.SocketType,
@@ -140,8 +139,8 @@ class _Connection:
         self.sock = sock
         self.fd = sock.fileno()  # non-blocking: os.write() never waits
         self.client = client
-        self.scope = trio.CancelScope()
-        self._lock = trio.Lock()
+        self._idle_scope: trio.CancelScope | None = None  # while waiting for a request head
+        self._lock: trio.Lock | None = None  # made by the first write that has to wait
         self._unyielded = 0
         self._peer_gone = False
         self._h: h11.Connection | None = None
@@ -162,10 +161,15 @@ class _Connection:
 
     # -- the connection's life ------------------------------------------------------------
 
+    def close_idle(self) -> None:
+        """Shutdown: end the wait for the next request (only a connection between requests
+        has one; a busy connection finishes its response first)."""
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
     async def run(self) -> None:
         try:
-            with self.scope:
-                await self._requests()
+            await self._requests()
         except Exception:
             # A failure of this server's own code on this connection's bytes: it ends this
             # connection alone, never the server.
@@ -182,6 +186,7 @@ class _Connection:
                 request = await self._next_request()
             finally:
                 srv.idle.discard(self)
+                self._idle_scope = None
             if request is None:
                 return
             if not await self._serve(request):
@@ -199,7 +204,8 @@ class _Connection:
                 h.receive_data(b"")
         self._h = h
         self._reset()
-        with trio.move_on_after(self.server.keep_alive_timeout):
+        idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
+        with idle:
             while True:
                 try:
                     event = h.next_event()
@@ -466,7 +472,7 @@ class _Connection:
         itself) unless the response is a chunked one in progress with nothing else waiting to
         be written."""
         if not self._chunked or not self._started or self._response_done or self._broken or \
-                self._pending or self._lock.locked():
+                self._pending or self._writing():
             return SINK_REFUSED
         if not body:
             return SINK_TAKEN
@@ -523,13 +529,17 @@ class _Connection:
         lines.append(b"date: %b\r\n\r\n" % _date())
         return b"".join(lines)
 
+    def _writing(self) -> bool:
+        """A write is waiting for the socket (what it holds must go out first)."""
+        return self._lock is not None and self._lock.locked()
+
     async def _write(self, data: bytes) -> None:
         """Write all of ``data``. Never raises for a client that left (ASGI servers do not):
         the connection is marked broken and later writes are dropped."""
         if self._broken:
             await self._yield()
             return
-        if not self._lock.locked():
+        if not self._writing():
             try:
                 sent = os.write(self.fd, data)
             except BlockingIOError:
@@ -543,6 +553,8 @@ class _Connection:
                 await self._yield()
                 return
             data = data[sent:]
+        if self._lock is None:
+            self._lock = trio.Lock()
         async with self._lock:
             view = memoryview(data)
             try:

@@ -212,6 +212,15 @@ class SQLiteBackend:
         self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
         self._since_checkpoint = 0
+        self._w_busy_ms = busy_timeout_ms  # the writer connection's busy_timeout now
+
+    def _wait_for_lock(self, ms: int) -> None:
+        """Set the writer connection's ``busy_timeout`` (only when it changes): 0 for inline
+        commits on the event loop, the configured wait for everything run in a thread. Inline
+        commits in a row then cost no PRAGMA at all."""
+        if self._w_busy_ms != ms:
+            self._writer.execute(f"PRAGMA busy_timeout = {ms}")
+            self._w_busy_ms = ms
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -227,6 +236,7 @@ class SQLiteBackend:
 
     def setup(self) -> None:
         self._w = self._connect()
+        self._w_busy_ms = int(self._busy_ms)
         # Checkpoints are the writer's own, in a worker thread (wants_checkpoint/checkpoint):
         # SQLite's automatic one would run, and sync the disk, inside whichever commit crosses
         # the threshold, an inline one on the event loop included.
@@ -259,6 +269,7 @@ class SQLiteBackend:
         """Mark ``orphaned`` the records left ``open`` by instances that are gone (a live
         sibling's records, ``--workers`` or a second process on this journal, are kept)."""
         try:
+            self._wait_for_lock(int(self._busy_ms))
             owners = [r[0] for r in self._writer.execute(
                 "SELECT DISTINCT instance FROM streams WHERE status = 'open' AND instance != ?",
                 (instance,),
@@ -280,6 +291,7 @@ class SQLiteBackend:
     def commit(self, batch: Batch) -> None:
         conn = self._writer
         try:
+            self._wait_for_lock(int(self._busy_ms))
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise JournalError(f"journal write failed: {exc}") from exc
@@ -293,11 +305,8 @@ class SQLiteBackend:
         page cache and never syncs, so it does not wait for the disk either."""
         conn = self._writer
         try:
-            conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
+            self._wait_for_lock(0)
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return False
@@ -401,6 +410,7 @@ class SQLiteBackend:
         """Delete terminal records that ended before ``before`` (epoch s), with their bodies."""
         conn = self._writer
         try:
+            self._wait_for_lock(int(self._busy_ms))
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute(

@@ -11,6 +11,7 @@ usual.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -82,7 +83,18 @@ def make_client(config: Config) -> httpx.AsyncClient:
     # No cookie jar: httpx has no public switch for it; its client reads ``_cookies`` through
     # the ``cookies`` property on every request and response.
     client._cookies = _NoCookies()
+    _OWN_TRANSPORT[client] = transport
     return client
+
+
+#: The FastTransport of each client ``make_client`` made (weakly keyed: gone with the client).
+_OWN_TRANSPORT: weakref.WeakKeyDictionary[httpx.AsyncClient, FastTransport] = \
+    weakref.WeakKeyDictionary()
+
+
+def own_transport_of(client: httpx.AsyncClient) -> FastTransport | None:
+    """The transport under a client of :func:`make_client`'s (None for any other client)."""
+    return _OWN_TRANSPORT.get(client)
 
 
 @dataclass(slots=True)
@@ -232,6 +244,9 @@ async def open_proxy(
         if orphaned:
             log.warning("keepstream: start-up recovery marked %d record(s) orphaned", orphaned)
         upstream = make_client(config) if client is None else client
+        # keepstream's own client has no hooks, auth, redirects or cookies: the stream task may
+        # hand its requests to the transport itself (Supervisor.transport).
+        own_transport = own_transport_of(upstream) if own_client else None
         try:
             # The writer runs shielded: when the caller cancels ``open_proxy`` from outside,
             # the streams still write their terminal records during the (shielded) drain, so
@@ -243,7 +258,8 @@ async def open_proxy(
                                  name="keepstream journal writer")
                 try:
                     async with trio.open_nursery() as streams:
-                        supervisor = Supervisor(config, writer, upstream, streams, instance)
+                        supervisor = Supervisor(config, writer, upstream, streams, instance,
+                                                transport=own_transport)
                         supervisor.recovered = orphaned
                         proxy = Proxy(config, supervisor)
                         try:

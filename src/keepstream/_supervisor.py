@@ -140,8 +140,12 @@ class LiveStream:
         self.request_headers = headers
         self.request_body = body
         self.scope = trio.CancelScope()
-        self.response_ready = trio.Event()
-        self.done = trio.Event()
+        # ``response_ready`` and ``done``: created when first awaited (most streams' relay
+        # never awaits them on the lean engine), so an open stream carries no idle Events.
+        self.ready = False  # upstream status and headers known, or the stream ended
+        self.ended = False  # ``finished`` and every bookkeeping step after it done
+        self._ready_event: trio.Event | None = None
+        self._done_event: trio.Event | None = None
         self.finished = False  # terminal status persisted (or persist deadline passed)
         self.upstream_status: int | None = None
         self.response_headers: Headers = []
@@ -161,6 +165,30 @@ class LiveStream:
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
+
+    @property
+    def response_ready(self) -> trio.Event:
+        """Set once the upstream's status and headers are known (or the stream ended)."""
+        if self._ready_event is None:
+            self._ready_event = trio.Event()
+            if self.ready:
+                self._ready_event.set()
+        return self._ready_event
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the stream ended and its terminal record is persisted."""
+        if self._done_event is None:
+            self._done_event = trio.Event()
+            if self.ended:
+                self._done_event.set()
+        return self._done_event
+
+    def _set_ready(self) -> None:
+        self.ready = True
+        if self._ready_event is not None:
+            self._ready_event.set()
+        self._wake()  # a relay parked in wait_ready
 
     @property
     def boundary(self) -> int:
@@ -278,7 +306,7 @@ class LiveStream:
     async def wait_ready(self, sub: Subscriber, direct: Direct) -> bool:
         """``response_ready.wait()`` while watching the client through ``direct``: True when
         the client left first."""
-        while not self.response_ready.is_set():
+        while not self.ready:
             if await self._park(sub, direct, takes=False):
                 return True
         return False
@@ -377,7 +405,11 @@ class LiveStream:
                         content=self.request_body, timeout=sup.timeouts[route.prefix],
                     )
                     self.request_headers, self.request_body = [], b""  # the request holds them
-                    resp = await client.send(request, stream=True)
+                    if sup.transport is not None:
+                        resp = await sup.transport.handle_async_request(request)
+                        resp.request = request
+                    else:
+                        resp = await client.send(request, stream=True)
                     try:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()
@@ -391,7 +423,7 @@ class LiveStream:
                                 max_event_bytes=sup.config.server.max_event_bytes,
                             )
                         writer.touch(rec)
-                        self.response_ready.set()
+                        self._set_ready()
                         phase = "idle"
                         idle = route.idle_timeout
                         scope = self.scope
@@ -473,9 +505,10 @@ class LiveStream:
             with trio.move_on_after(sup.config.server.persist_timeout, shield=True):
                 await writer.commit(rec)
             self.finished = True
-            self._wake()
-            self.response_ready.set()
-            self.done.set()
+            self._set_ready()  # wakes every waiting subscriber
+            self.ended = True
+            if self._done_event is not None:
+                self._done_event.set()
             sup._stream_ended(self)
 
     def _fail(self, ending: Ending, reason: str, http_status: int) -> None:
@@ -495,10 +528,16 @@ class Supervisor:
         client: httpx.AsyncClient,
         nursery: trio.Nursery,
         instance: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.writer = writer
         self.client = client
+        #: ``client``'s transport, when ``client`` is keepstream's own (``make_client``: no
+        #: hooks, auth, redirects or cookies): requests go to it directly, without the
+        #: client's send layers (the same request, built by ``client.build_request``).
+        self.transport = transport
         self.nursery = nursery
         self.instance = instance
         self.buffer_cap = config.server.stream_buffer_bytes

@@ -370,6 +370,7 @@ class KeepstreamApp:
             await send_error(send, exc.status, exc.message, retry_after=exc.retry_after,
                              close=close)
             return
+        del headers, upstream_headers, body  # the upstream request holds what it needs
         sid = stream.record.id
         if detached:
             await send_json(send, 202, record_json(stream.record.row()), [
@@ -545,6 +546,7 @@ class KeepstreamApp:
                                      max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
                     "headers": headers})
+        del headers  # not kept for the rest of the stream
         if not await _pump(stream, sub, send, self.supervisor, rewriter, direct):
             return False
         if rewriter is not None and rewriter.overflowed:

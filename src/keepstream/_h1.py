@@ -189,7 +189,9 @@ class _Connection:
                 self._idle_scope = None
             if request is None:
                 return
-            if not await self._serve(request):
+            serve = self._serve(request)
+            del request  # the request's only reference is _serve's, which drops it early
+            if not await serve:
                 return
 
     async def _next_request(self) -> h11.Request | None:
@@ -293,6 +295,7 @@ class _Connection:
             "extensions": {DIRECT_EXTENSION: self},
         }
         self._head_only = method == "HEAD"
+        del request, target  # h11's event and its headers: not kept while a stream runs
         try:
             await self.server.app(scope, self.receive, self.send)
         except Exception:

@@ -406,10 +406,12 @@ class LiveStream:
                     )
                     self.request_headers, self.request_body = [], b""  # the request holds them
                     if sup.transport is not None:
+                        # The Response does not keep the Request (nor its headers and URL)
+                        # for the stream's life: keepstream reads nothing of it later.
                         resp = await sup.transport.handle_async_request(request)
-                        resp.request = request
                     else:
                         resp = await client.send(request, stream=True)
+                    del request
                     try:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()

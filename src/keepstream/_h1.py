@@ -128,8 +128,8 @@ class _Connection:
     """One client connection: requests in turn, the app run in this task."""
 
     __slots__ = (
-        "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
-        "_head_only", "_idle_scope", "_lock", "_peer_gone", "_pending", "_recv_scope",
+        "_ahead", "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
+        "_head_only", "_http10", "_idle_scope", "_lock", "_peer_gone", "_pending", "_recv_scope",
         "_response_done", "_started", "_unyielded", "client", "fd", "server", "sock",
     )
 
@@ -143,7 +143,9 @@ class _Connection:
         self._lock: trio.Lock | None = None  # made by the first write that has to wait
         self._unyielded = 0
         self._peer_gone = False
-        self._h: h11.Connection | None = None
+        self._h: h11.Connection | None = None  # while the request's head and body are read
+        self._ahead: bytearray | None = None  # after the body: the next request's bytes
+        self._http10 = False
         self._reset()
 
     def _reset(self) -> None:
@@ -204,6 +206,9 @@ class _Connection:
                 h.receive_data(bytes(leftover))
             if closed:
                 h.receive_data(b"")
+        elif self._ahead:
+            h.receive_data(bytes(self._ahead))
+        self._ahead = None
         self._h = h
         self._reset()
         idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
@@ -274,6 +279,7 @@ class _Connection:
         if version not in ("1.1", "1.0"):
             await self._refuse(505)  # h11 parses "PRI * HTTP/2.0" (the HTTP/2 preface) too
             return False
+        self._http10 = version == "1.0"
         if version != "1.1" or self.server.terminated:
             self._close = True
         for name, value in headers:
@@ -329,7 +335,8 @@ class _Connection:
         (an app that never called ``receive()``, e.g. an admin GET). True when the request
         is fully read, so the connection can take the next one."""
         h = self._h
-        assert h is not None
+        if h is None:
+            return True  # the body was read whole (receive() let h11 go then)
         taken = 0
         while h.their_state is h11.SEND_BODY and taken <= MAX_READ_AHEAD:
             try:
@@ -348,9 +355,9 @@ class _Connection:
     async def receive(self) -> Message:
         if self._response_done or self._broken:
             return _DISCONNECT
-        h = self._h
-        assert h is not None
         while not self._body_done:
+            h = self._h
+            assert h is not None
             if h.they_are_waiting_for_100_continue and not self._started and \
                     not self._continued:
                 self._continued = True
@@ -373,21 +380,26 @@ class _Connection:
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             if type(event) is h11.EndOfMessage:
                 self._body_done = True
+                # h11 is done with this request: keep only the bytes already read past it
+                # (pipelined), not its state machine, for the rest of the response.
+                self._ahead = bytearray(h.trailing_data[0])
+                self._h = None
                 return {"type": "http.request", "body": b"", "more_body": False}
             self._broken = True  # ConnectionClosed mid-body
             return _DISCONNECT
         # The body is in: wait for the client to leave (or the response to end).
         scope = trio.CancelScope()
         self._recv_scope = scope
+        ahead = self._ahead
+        assert ahead is not None
         with scope:
             while not self._response_done:
-                buffered = len(h.trailing_data[0])
-                if buffered >= MAX_READ_AHEAD:
+                if len(ahead) >= MAX_READ_AHEAD:
                     await trio.sleep_forever()  # until the response ends (scope cancelled)
                 data = await self._recv()
                 if data is None:
                     return _DISCONNECT
-                h.receive_data(data)  # pipelined: the next request's bytes
+                ahead += data  # pipelined: the next request's bytes
         self._recv_scope = None
         return _DISCONNECT
 
@@ -443,19 +455,19 @@ class _Connection:
         body was read whole."""
         if self._peer_gone or self._broken:
             return True
-        h = self._h
-        assert h is not None and self._body_done
+        ahead = self._ahead
+        assert ahead is not None and self._body_done
         scope = trio.CancelScope()
         self._recv_scope = scope
         try:
             with scope:
                 while not self._response_done:
-                    if len(h.trailing_data[0]) >= MAX_READ_AHEAD:
+                    if len(ahead) >= MAX_READ_AHEAD:
                         await trio.sleep_forever()  # until woken
                     data = await self._recv()
                     if data is None:
                         return True
-                    h.receive_data(data)
+                    ahead += data
         finally:
             self._recv_scope = None
         return self.client_gone()
@@ -521,7 +533,7 @@ class _Connection:
             lines.append(b"content-length: %d\r\n" % length)
             if not self._head_only:
                 self._cl_left = length
-        elif self._h is not None and self._h.their_http_version == b"1.0":
+        elif self._http10:
             self._close = True  # close-delimited
         else:
             lines.append(b"transfer-encoding: chunked\r\n")

@@ -412,11 +412,11 @@ class LiveStream:
                     else:
                         resp = await client.send(request, stream=True)
                     del request
+                    close = resp.aclose
                     try:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()
-                        raw_headers = resp.headers.raw
-                        self.response_headers = filter_response_headers(raw_headers)
+                        self.response_headers = filter_response_headers(resp.headers.raw)
                         ctype = resp.headers.get("content-type", "")
                         if ctype.startswith("text/event-stream"):
                             self.is_sse = True
@@ -440,6 +440,12 @@ class LiveStream:
                         raw = resp.extensions.get(RAW_BODY)
                         if raw is None or resp.is_stream_consumed:
                             raw = resp.aiter_raw()  # a transport of the embedder's
+                        elif sup.transport is not None:
+                            # From our own transport the Response is this frame's alone and
+                            # its aclose() only closes the body: the Response (its headers,
+                            # its extensions) need not live as long as the stream.
+                            close = raw.aclose
+                            del resp
                         async for chunk in raw:
                             if not chunk:
                                 continue
@@ -460,7 +466,7 @@ class LiveStream:
                                 armed = now + idle + slack
                                 scope.deadline = min(self._fixed_deadline, armed)
                     finally:
-                        await resp.aclose()
+                        await close()
                     self._causes.append(Ending.UPSTREAM_DONE)
             except httpx.PoolTimeout:
                 self._fail(Ending.UPSTREAM_FAILED, "upstream connection pool exhausted", 503)

@@ -40,11 +40,13 @@ def make_chunk(seq: int, ts_ns: int = 0) -> bytes:
 _STREAM = bytearray()
 
 
-def upstream_bytes(n: int) -> bytes:
-    """The first ``n`` bytes of the body the upstream sends with ``ts=0`` (events 0, 1, ...)."""
-    while len(_STREAM) < n:
-        _STREAM.extend(make_event(len(_STREAM) // EVENT_SIZE))
-    return bytes(_STREAM[:n])
+def upstream_bytes(n: int, start: int = 0) -> bytes:
+    """Bytes ``start`` to ``n`` of the body the upstream sends with ``ts=0`` (events 0, 1,
+    ...)."""
+    if len(_STREAM) < n:
+        first = len(_STREAM) // EVENT_SIZE
+        _STREAM.extend(b"".join([make_event(i) for i in range(first, -(-n // EVENT_SIZE))]))
+    return bytes(_STREAM[start:n])
 
 
 def is_upstream_prefix(data: bytes | bytearray) -> bool:
@@ -65,13 +67,18 @@ class ResponseReader:
 
     With ``raw`` (a bytearray) the body is not checked as events but appended to ``raw`` as
     it arrives (the drain scenario: the body ends with a ``keepstream-reconnect`` event).
+
+    With ``exact`` (a ``ts=0`` body, no latencies) every body byte is compared with
+    ``upstream_bytes`` instead (one comparison per piece, not a Python loop per event: the
+    bulk scenario's load client must outrun the proxy).
     """
 
     __slots__ = ("_buf", "_chunk_left", "_ev", "_length_left", "_stage", "body_bytes",
-                 "done", "error_body", "events", "headers", "latencies", "raw", "status")
+                 "done", "error_body", "events", "exact", "headers", "latencies", "raw",
+                 "status")
 
     def __init__(self, latencies: list[int] | None = None,
-                 raw: bytearray | None = None) -> None:
+                 raw: bytearray | None = None, exact: bool = False) -> None:
         self._buf = bytearray()
         self._ev = bytearray()
         self._stage = "head"  # head, size, data, crlf, trailer, length, eof, done
@@ -83,6 +90,7 @@ class ResponseReader:
         self.done = False
         self.latencies = latencies
         self.raw = raw
+        self.exact = exact and latencies is None and raw is None
         #: Response header fields, lower-case names (the last one wins).
         self.headers: dict[bytes, bytes] = {}
         #: The body of a non-200 response (not checked as events), else None.
@@ -193,8 +201,9 @@ class ResponseReader:
     def _finish(self) -> None:
         if self.error_body is not None:
             raise ProtocolError(f"status {self.status}: {bytes(self.error_body)!r}")
-        if self._ev:
-            raise ProtocolError(f"body ends inside an event ({len(self._ev)} stray bytes)")
+        stray = len(self._ev) or (self.body_bytes % EVENT_SIZE if self.exact else 0)
+        if stray:
+            raise ProtocolError(f"body ends inside an event ({stray} stray bytes)")
         self._stage = "done"
         self.done = True
 
@@ -202,7 +211,14 @@ class ResponseReader:
         if self.error_body is not None:
             self.error_body += data[:max(0, 500 - len(self.error_body))]
             return
+        start = self.body_bytes
         self.body_bytes += len(data)
+        if self.exact:
+            if data != upstream_bytes(self.body_bytes, start):
+                raise ProtocolError(f"body bytes {start}-{self.body_bytes} differ from the "
+                                    "upstream's")
+            self.events = self.body_bytes // EVENT_SIZE
+            return
         if self.raw is not None:
             self.raw += data
             return

@@ -136,8 +136,9 @@ class Scenario:
     drain: bool = False
 
 
-def _bulk(streams: int, events: int) -> Load:
-    return Load(streams, events, f"/bulk?events={events}", False,
+def _bulk(streams: int, events: int, batch: int) -> Load:
+    # ts=0: a deterministic body, which the load client checks with one comparison per read.
+    return Load(streams, events, f"/bulk?events={events}&ts=0&batch={batch}", False,
                 timeout=60 + streams * events * 1e-3)
 
 
@@ -173,8 +174,9 @@ SCENARIOS: dict[str, Scenario] = {
     for s in [
         Scenario(
             "bulk", "upstream writes as fast as it can",
-            lambda a: _bulk(a.streams or a.bulk_streams, a.events),
-            lambda a: _bulk(a.streams or a.bulk_streams, max(1, min(a.events, 100))),
+            lambda a: _bulk(a.streams or a.bulk_streams, a.events, a.bulk_batch),
+            lambda a: _bulk(a.streams or a.bulk_streams, max(1, min(a.events, 100)),
+                            a.bulk_batch),
         ),
         Scenario(
             "paced", "every stream at a fixed event rate",
@@ -889,6 +891,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=None,
                    help="concurrent streams (default: 50 bulk, 200 paced)")
     p.add_argument("--events", type=int, default=20000, help="bulk: events per stream")
+    p.add_argument("--bulk-batch", type=int, default=64,
+                   help="bulk: events (one HTTP chunk each) per upstream write() (default 64; "
+                        "1 is the per-event write of the runs before 2026-12-02's last)")
     p.add_argument("--duration", type=float, default=10.0,
                    help="paced and idle: seconds per stream")
     p.add_argument("--rate", type=float, default=50.0, help="paced: events/s per stream")

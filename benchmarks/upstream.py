@@ -4,7 +4,8 @@ Every response is ``200 text/event-stream`` with chunked framing, one 100-byte e
 chunk, each chunk in its own ``send()`` (see ``_bench.make_chunk``). The request target picks
 the behaviour (the request head is read up to the blank line; a body is not expected)::
 
-    GET /bulk?events=N            N events, written as fast as the socket takes them
+    GET /bulk?events=N[&batch=K]  N events, written as fast as the socket takes them; with
+                                  ``batch`` K chunks (still one per event) per ``write()``
     GET /paced?events=N&rate=R    N events, R per second, starting at a random phase within
                                   the first interval (so many streams do not tick in lockstep)
 
@@ -70,7 +71,8 @@ async def _serve_conn(sock: trio.socket.SocketType) -> None:
             stamp = q.get("ts") != "0"
             try:
                 if url.path.endswith("/bulk"):
-                    await _bulk(sock, int(q.get("events", "1000")), stamp)
+                    await _bulk(sock, int(q.get("events", "1000")), stamp,
+                                int(q.get("batch", "1")))
                 elif url.path.endswith("/paced"):
                     await _paced(sock, int(q.get("events", "100")), float(q.get("rate", "50")),
                                  stamp)
@@ -88,7 +90,8 @@ def _zero() -> int:
 BURST = 64
 
 
-async def _bulk(sock: trio.socket.SocketType, n: int, stamp: bool = True) -> None:
+async def _bulk(sock: trio.socket.SocketType, n: int, stamp: bool = True,
+                batch: int = 1) -> None:
     """As fast as the socket takes them, still one chunk per ``write()``: a trio ``send()``
     per event costs this process about 10 us, which made the upstream, not the proxy, the
     bottleneck of the bulk scenario (the proxy then read 5 events per wake-up, a paced-like
@@ -100,7 +103,14 @@ async def _bulk(sock: trio.socket.SocketType, n: int, stamp: bool = True) -> Non
     seq = 0
     while seq < n:
         for _ in range(min(BURST, n - seq)):
-            chunk = make_chunk(seq, mono())
+            if seq >= n:
+                break
+            if batch > 1:  # ``batch`` chunks (still one per event) in one write()
+                k = min(batch, n - seq)
+                chunk = b"".join([make_chunk(seq + i, mono()) for i in range(k)])
+                seq += k - 1
+            else:
+                chunk = make_chunk(seq, mono())
             try:
                 sent = os.write(fd, chunk)
             except BlockingIOError:

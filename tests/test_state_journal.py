@@ -107,6 +107,30 @@ async def test_writer_batches_and_commit_is_durable(kind: str, tmp_path: Path) -
     backend.close()
 
 
+def test_sqlite_updates_a_stored_row_and_rewrites_one_gone_since(tmp_path: Path) -> None:
+    """A row an earlier commit stored takes an UPDATE of the columns that change; every one of
+    them must land, and a row deleted meanwhile (by hand, say) is written whole again."""
+    backend = SQLiteBackend(str(tmp_path / "j.db"))
+    backend.setup()
+    rec = _rec()
+    backend.commit(Batch(rows=[rec.row()], stored=[False]))
+    rec.upstream_status, rec.first_byte_at, rec.bytes, rec.events = 200, 5.5, 3, 1
+    rec.detached, rec.last_event_id, rec.owner, rec.client_gone_at = True, "e1", "h", 6.5
+    rec.finish(Status.COMPLETED, "done", now=7.5)
+    backend.commit(Batch(rows=[rec.row()], chunks=[(rec.id, 0, b"abc")], stored=[True]))
+    assert backend.get(rec.id) == rec.row() | {"detached": 1}
+    other = _rec()
+    backend.commit(Batch(rows=[other.row()]))
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        conn.execute("DELETE FROM streams WHERE id = ?", (rec.id,))
+    other.bytes = 9
+    backend.commit(Batch(rows=[rec.row(), other.row()], stored=[True, True]))
+    assert backend.get(rec.id) == rec.row() | {"detached": 1}
+    got = backend.get(other.id)
+    assert got is not None and got["bytes"] == 9
+    backend.close()
+
+
 class CountingSQLite(SQLiteBackend):
     """Counts commits by path: inline (on the event loop) or threaded."""
 

@@ -108,6 +108,7 @@ class Record:
     # Journal bookkeeping (not columns): body bytes handed to a transaction, and bytes durable.
     journaled: int = 0
     durable: int = 0
+    stored: bool = False  # a committed transaction wrote its row
 
     def finish(self, status: Status, reason: str | None, now: float | None = None) -> None:
         check_transition(self.status, status)

@@ -314,7 +314,37 @@ class Body:
         return b"".join(data for _, data in self.chunks[:chunks])
 
 
+def _uniform_chunks(rng: random.Random) -> list[tuple[bytes, bytes]]:
+    """A run of chunks with one size line (what ``_uniform_run`` takes), now and then broken:
+    a CRLF (or the whole separator) inside the data, one chunk of another size, the same size
+    spelled another way (a leading zero, upper case), or a data byte where a CRLF belongs
+    (that one via the ``no_crlf_after_data`` maker)."""
+    size = rng.choice((32, 33, 100, 255, 256, rng.randint(32, 600)))
+    line = f"{size:x}".encode()
+    chunks = []
+    for i in range(rng.randint(2, 60)):
+        data = bytes([97 + (i + j) % 26 for j in range(size)])
+        roll = rng.random()
+        if roll < 0.02:
+            at = rng.randrange(size - 1)
+            data = data[:at] + b"\r\n" + data[at + 2:]
+        elif roll < 0.03:
+            sep = b"\r\n" + line + b"\r\n"
+            at = rng.randrange(size - len(sep) + 1)
+            data = data[:at] + sep + data[at + len(sep):]
+        elif roll < 0.04:
+            data = data[:-1] + b"\r" if rng.random() < 0.5 else b"\n" + data[1:]
+        elif roll < 0.05:
+            data = data[: rng.randrange(1, size)]
+        chunks.append((f"{len(data):x}".encode() if len(data) != size else line, data))
+        if len(data) == size and rng.random() < 0.02:
+            chunks[-1] = (b"0" + line if rng.random() < 0.5 else line.upper(), data)
+    return chunks
+
+
 def random_body(rng: random.Random) -> Body:
+    if rng.random() < 0.12:
+        return Body(_uniform_chunks(rng), extra=rng.choice(EXTRAS))
     if rng.random() < 0.2:
         # A long run of small plain chunks: what the fast path takes, a CRLF here and there
         # inside the data (which turns it off).
@@ -539,7 +569,15 @@ def test_random_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
         fast["took" if taken else "gave up" if not self._fast else "too short"] += 1
         return taken
 
+    uniform_run = _ChunkedDecoder._uniform_run
+
+    def counting_runs(data: bytes, out: list[bytes]) -> int:
+        taken = uniform_run(data, out)
+        fast["uniform run"] += taken > 0
+        return taken
+
     monkeypatch.setattr(_ChunkedDecoder, "_fast_path", counting)
+    monkeypatch.setattr(_ChunkedDecoder, "_uniform_run", staticmethod(counting_runs))
     rng = random.Random(SEED)
     cases: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
@@ -561,6 +599,7 @@ def test_random_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(cases) == set(MAKERS), cases
     assert min(outcomes[k] for k in ("done", "error", "incomplete")) >= N // 10, outcomes
     assert fast["took"] >= N // 5 and fast["gave up"] >= N // 10, fast
+    assert fast["uniform run"] >= N // 20, fast
 
 
 # -- the reference itself, on cases written out by hand ----------------------------------------
@@ -640,6 +679,45 @@ def test_every_bad_size_line_is_refused(digits: bytes) -> None:
         wire = b"2\r\nab\r\n" + line + b"\r\n" + b"x" * 20 + b"\r\n0\r\n\r\n"
         check_chunked(wire, [], FAST_MIN, Outcome(E, b"ab"))
         check_chunked(wire, [3, 7, 8, 9], 0, Outcome(E, b"ab"))
+
+
+# -- the equal-size run path, on the inputs each of its checks alone stands against ------------
+
+_RUN_DATA = bytes(range(97, 97 + 25)) * 4  # 100 bytes, no CR or LF
+
+
+def _run_wire(*frames: bytes) -> bytes:
+    return b"".join(frames) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("wire", [
+    # A chunk's data ends in CRLF and the size line: the separator can then be matched one
+    # CRLF early, which keeps the length right and swaps bytes (the CRLF count catches it).
+    _run_wire(b"64\r\n" + _RUN_DATA[:96] + b"\r\n64\r\n", b"64\r\n" + _RUN_DATA + b"\r\n",
+              b"64\r\n" + _RUN_DATA + b"\r\n"),
+    # The same, and the next size line ends without its CRLF: the CRLF count then comes out
+    # right too, and only the per-frame check of the size lines refuses it.
+    _run_wire(b"64\r\n" + _RUN_DATA[:96] + b"\r\n64\r\n", b"64zz" + _RUN_DATA + b"\r\n",
+              b"64\r\n" + _RUN_DATA + b"\r\n"),
+    # The separator itself inside a chunk's data (the length check).
+    _run_wire(b"64\r\n" + _RUN_DATA[:40] + b"\r\n64\r\n" + _RUN_DATA[46:] + b"\r\n",
+              b"64\r\n" + _RUN_DATA + b"\r\n", b"64\r\n" + _RUN_DATA + b"\r\n"),
+    # A data byte where the CRLF after a chunk belongs (the strided CRLF checks).
+    _run_wire(b"64\r\n" + _RUN_DATA + b"\r\n", b"64\r\n" + _RUN_DATA + b"\rx",
+              b"64\r\n" + _RUN_DATA + b"\r\n"),
+    # One size line spelled another way, the same value (per frame, again).
+    _run_wire(b"64\r\n" + _RUN_DATA + b"\r\n", b"064\r\n" + _RUN_DATA + b"\r\n",
+              b"64\r\n" + _RUN_DATA + b"\r\n"),
+    _run_wire(*[b"64\r\n" + _RUN_DATA + b"\r\n"] * 5),
+])
+def test_uniform_run_agrees_with_the_reference(wire: bytes) -> None:
+    taken: list[int] = []
+    out: list[bytes] = []
+    taken.append(_ChunkedDecoder._uniform_run(wire, out))
+    for fast_min in (0, FAST_MIN):
+        check_chunked(wire, [], fast_min)
+    if taken[0]:  # what it took is exactly the reference's body for those bytes
+        assert out == [reference_decode(wire[:taken[0]] + b"0\r\n\r\n").body]
 
 
 # -- regressions found by this fuzzing ---------------------------------------------------------

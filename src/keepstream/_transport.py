@@ -216,7 +216,8 @@ class _ChunkedDecoder:
             self._buf = b""
         out: list[bytes] = []
         pos = 0
-        if self._state == 0 and self._fast:
+        if self._state == 0 and self._fast and len(data) > _FAST_MIN:
+            # (A short read, a paced event's, is one chunk: the general loop takes it.)
             pos = self._fast_path(data, out)
         n = len(data)
         state = self._state

@@ -499,6 +499,11 @@ class JournalWriter:
         self._w_limiter = trio.CapacityLimiter(1)
         self._r_limiter = trio.CapacityLimiter(1)
         self._flushing = False
+        self._inline_refused = False  # an inline try failed; none until a commit lands
+        #: Many commits at once (a drain cutting its streams): each waits for the flush loop,
+        #: whose one transaction takes every stream that ended in the same scheduler pass,
+        #: rather than one inline transaction per stream.
+        self.grouped = False
         self._inflight_bytes = 0
         self._max_backlog = 4 * config.flush_bytes
         self._retry_delay = 0.0
@@ -564,7 +569,13 @@ class JournalWriter:
         """Flush now, including ``record``'s row, and wait until that transaction is durable."""
         self._entry(record)
         inline = self.backend.inline_bytes
-        if inline and not self._flushing and self._pending_bytes <= inline and \
+        # The inline try only when it can succeed: not while the writer connection is busy in
+        # a thread (a checkpoint's disk sync, a prune) or after a try the database refused,
+        # until a commit lands. Each failed try gathers and puts back everything pending, so
+        # retrying it for every stream that ends meanwhile was quadratic (a drain of 1,000
+        # streams during a slow checkpoint built half a million rows).
+        if inline and not self._flushing and not self._inline_refused and not self.grouped and \
+                self._pending_bytes <= inline and not self._w_limiter.borrowed_tokens and \
                 self._flush_now():
             await trio.lowlevel.checkpoint_if_cancelled()
             return
@@ -706,6 +717,7 @@ class JournalWriter:
         """Bookkeeping after a successful transaction of ``entries``."""
         self._retry_delay = 0.0
         self._inflight_bytes = 0
+        self._inline_refused = False
         if self._room is not None:
             self._room.set()
             self._room = None
@@ -746,6 +758,7 @@ class JournalWriter:
             self.last_error = str(exc)
             done = False
         if not done:
+            self._inline_refused = True
             self._inflight_bytes = 0
             for entry in entries:
                 entry.record.journaled = entry.prev

@@ -417,6 +417,54 @@ async def test_row15_idle_keep_alive_connection_is_closed_after_a_proxied_respon
     assert proxied.closed_by_peer, "an idle keep-alive connection outlived keep_alive_timeout"
 
 
+async def _h11_exchange(stream: trio.SocketStream, target: str) -> tuple[h11.Connection, int]:
+    """One request on ``stream``, read to the end of its response: (the client's h11 state,
+    the status)."""
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send_all(conn.send(h11.Request(method="GET", target=target,
+                                                headers=[("Host", "a")])) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    status = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        if isinstance(event, h11.EndOfMessage):
+            return conn, status
+        assert not isinstance(event, h11.ConnectionClosed), "closed before the response ended"
+
+
+async def test_keep_alive_ends_once_a_drain_cuts_its_streams(
+    fake_upstream: FakeUpstream, journal_url: str
+) -> None:
+    """Once a drain cuts the streams still live (its deadline passed), keep-alive ends: a
+    connection kept alive before is closed by the server after its next response (not kept
+    for ``keep_alive_timeout``, 75 s here), and a new connection is still answered (readiness
+    503, draining), then closed."""
+    cfg = corpus_config(fake_upstream.url, journal_url)
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            kept = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            _, status = await _h11_exchange(kept, "/_keepstream/healthz")
+            assert status == 200
+            sup = ks.proxy.supervisor
+            sup.begin_drain()
+            assert not sup.cutting.is_set()
+            again, status = await _h11_exchange(kept, "/_keepstream/readyz")
+            assert status == 503 and again.our_state is h11.DONE  # still kept alive
+            sup.interrupt_all()  # what the drain does at its deadline
+            assert sup.cutting.is_set()
+            for stream in (kept, await trio.open_tcp_stream("127.0.0.1", ks.port)):
+                _, status = await _h11_exchange(stream, "/_keepstream/readyz")
+                assert status == 503
+                with trio.fail_after(5):
+                    assert await stream.receive_some(65536) == b""  # closed by the server
+                await stream.aclose()
+
+
 # -- row 16: SSRF ------------------------------------------------------------------------------
 
 

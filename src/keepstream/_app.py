@@ -434,9 +434,7 @@ class KeepstreamApp:
                 # Cut by this process's shutdown while the reader followed it: where to resume.
                 with trio.move_on_after(self.config.server.persist_timeout, shield=True):
                     await watched({"type": "http.response.body",
-                                   "body": reconnect_event(live, rewriter), "more_body": True})
-                    await watched({"type": "http.response.body", "body": b"",
-                                   "more_body": False})
+                                   "body": reconnect_event(live, rewriter), "more_body": False})
             elif status == Status.COMPLETED:
                 await watched({"type": "http.response.body", "body": b"", "more_body": False})
             # Any other ending: no clean end of body (Hypercorn cuts the connection), so the
@@ -555,11 +553,11 @@ class KeepstreamApp:
         if status is Status.COMPLETED:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif status is Status.INTERRUPTED and stream.is_sse:
-            # Shutdown cut the stream: tell the SSE client where to resume, then end properly.
+            # Shutdown cut the stream: tell the SSE client where to resume, and end properly in
+            # the same send (one pass through the server for each of a drain's many streams).
             with trio.move_on_after(self.config.server.persist_timeout, shield=True):
                 await send({"type": "http.response.body",
-                            "body": reconnect_event(stream, rewriter), "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                            "body": reconnect_event(stream, rewriter), "more_body": False})
         # Any other ending: return without a final body; Hypercorn cuts the connection, so the
         # client never sees a clean end of body that fakes completion.
         return True

@@ -28,8 +28,9 @@ What it does, and how it differs from Hypercorn (docs/configuration.md, ``engine
 * A response the app started but did not end closes the connection without the terminating
   chunk, as under Hypercorn: the client never sees a clean end of a failed stream.
 * Keep-alive: ``keep_alive_timeout`` bounds the wait for the next request's whole head (so a
-  slow-loris head is dropped too). On shutdown, idle connections close at once; busy ones end
-  with ``Connection: close`` after their response, and whatever is still open
+  slow-loris head is dropped too). Once a drain cuts its remaining streams (``close_trigger``),
+  every response ends with ``Connection: close`` and its connection. On shutdown, idle
+  connections close at once; busy ones end after their response, and whatever is still open
   ``graceful_timeout`` later is cancelled.
 """
 
@@ -106,7 +107,7 @@ _date = _Date()
 
 
 class _Server:
-    __slots__ = ("app", "graceful_timeout", "idle", "keep_alive_timeout", "server",
+    __slots__ = ("app", "closing", "graceful_timeout", "idle", "keep_alive_timeout", "server",
                  "terminated")
 
     def __init__(self, app: App, keep_alive_timeout: float, graceful_timeout: float,
@@ -116,10 +117,11 @@ class _Server:
         self.graceful_timeout = graceful_timeout
         self.server = server
         self.terminated = False
+        self.closing = False  # keep-alive is over: each connection closes after its response
         self.idle: set[_Connection] = set()  # waiting for a request head
 
     def terminate(self) -> None:
-        self.terminated = True
+        self.terminated = self.closing = True
         for conn in list(self.idle):
             conn.close_idle()
 
@@ -280,7 +282,7 @@ class _Connection:
             await self._refuse(505)  # h11 parses "PRI * HTTP/2.0" (the HTTP/2 preface) too
             return False
         self._http10 = version == "1.0"
-        if version != "1.1" or self.server.terminated:
+        if version != "1.1" or self.server.closing:
             self._close = True
         for name, value in headers:
             if name == b"connection" and b"close" in value.lower():
@@ -538,7 +540,7 @@ class _Connection:
         else:
             lines.append(b"transfer-encoding: chunked\r\n")
             self._chunked = not self._head_only
-        if self._close or self.server.terminated:
+        if self._close or self.server.closing:
             self._close = True
             lines.append(b"connection: close\r\n")
         lines.append(b"date: %b\r\n\r\n" % _date())
@@ -609,10 +611,14 @@ async def serve_lean(
     keep_alive_timeout: float,
     graceful_timeout: float,
     shutdown_trigger: Callable[[], Awaitable[Any]],
+    close_trigger: Callable[[], Awaitable[Any]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``sock`` (listening, non-blocking) until ``shutdown_trigger`` returns; then stop
-    accepting, close idle connections and give busy ones ``graceful_timeout`` to finish."""
+    accepting, close idle connections and give busy ones ``graceful_timeout`` to finish.
+
+    Once ``close_trigger`` (if given) returns, keep-alive ends while accepting goes on: every
+    connection (a new one too) closes after its next response, with ``Connection: close``."""
     listener = trio.socket.from_stdlib_socket(sock)
     name = sock.getsockname()
     host, port = name[0], name[1]
@@ -645,6 +651,13 @@ async def serve_lean(
 
         async with trio.open_nursery() as accepting:
             accepting.start_soon(accept_loop)
+            if close_trigger is not None:
+
+                async def end_keep_alive(trigger: Callable[[], Awaitable[Any]]) -> None:
+                    await trigger()
+                    server.closing = True
+
+                accepting.start_soon(end_keep_alive, close_trigger)
             task_status.started(binds)
             await shutdown_trigger()
             accepting.cancel_scope.cancel()

@@ -158,12 +158,13 @@ async def run_server(
                     await serve_lean(
                         proxy.app, listen, keep_alive_timeout=hc.keep_alive_timeout,
                         graceful_timeout=hc.graceful_timeout, shutdown_trigger=drained.wait,
-                        task_status=task_status,
+                        close_trigger=sup.cutting.wait, task_status=task_status,
                     )
                 else:
                     await serve_connections(
                         wrap_app(proxy.app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                        hc, listen, shutdown_trigger=drained.wait, task_status=task_status,
+                        hc, listen, shutdown_trigger=drained.wait, close_trigger=sup.cutting.wait,
+                        task_status=task_status,
                     )
                 nursery.cancel_scope.cancel()
 

@@ -555,6 +555,9 @@ class Supervisor:
         self._per_client: dict[str, int] = {}
         self.draining = False
         self.drain_started: float | None = None
+        #: Set once a drain interrupts the streams still live (its deadline, or a second
+        #: signal): from then on the server closes each connection when its response ends.
+        self.cutting = trio.Event()
         self._accept_until = 0.0
         self.started_total = 0
         self.recovered = 0  # records orphaned by start-up recovery
@@ -653,6 +656,8 @@ class Supervisor:
         (a second signal accepts nothing new)."""
         if self.draining:
             self._accept_until = 0.0
+            self.cutting.set()
+            self.writer.grouped = True  # every stream commits now: group their transactions
         for stream in list(self.live.values()):
             stream.stop(Ending.SHUTDOWN, reason)
 

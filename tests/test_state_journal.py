@@ -154,6 +154,18 @@ class CountingSQLite(SQLiteBackend):
         super().checkpoint()
 
 
+async def _sqlite_writer(
+    tmp_path: Path, backend_type: type[CountingSQLite] = CountingSQLite, flush_interval_ms: int = 20
+) -> tuple[Any, JournalWriter]:
+    """A set-up writer on a fresh SQLite file (``backend_type``, counting its commits)."""
+    db = tmp_path / "j.db"
+    backend = backend_type(str(db))
+    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}",
+                                                  flush_interval_ms=flush_interval_ms))
+    await writer.setup("a")
+    return backend, writer
+
+
 async def test_small_commits_are_inline_and_a_locked_journal_falls_back_to_a_thread(
     tmp_path: Path,
 ) -> None:
@@ -161,9 +173,7 @@ async def test_small_commits_are_inline_and_a_locked_journal_falls_back_to_a_thr
     with the database locked by another connection they take the threaded path, which waits
     for the lock (busy_timeout) without blocking the event loop, and land once it is free."""
     db = tmp_path / "j.db"
-    backend = CountingSQLite(str(db))
-    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}", flush_interval_ms=20))
-    await writer.setup("a")
+    backend, writer = await _sqlite_writer(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         with trio.fail_after(10):
@@ -225,9 +235,7 @@ async def test_commits_while_the_writer_is_held_take_the_batch_once(
     wait for the next flush, and that one transaction makes every one of them durable."""
     n = 200
     db = tmp_path / "j.db"
-    backend = SlowCheckpointSQLite(str(db))
-    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}", flush_interval_ms=5))
-    await writer.setup("a")
+    backend, writer = await _sqlite_writer(tmp_path, SlowCheckpointSQLite, flush_interval_ms=5)
     rows_taken = 0
     take = writer._take_batch
 
@@ -288,10 +296,7 @@ async def test_grouped_commits_share_a_transaction(tmp_path: Path) -> None:
     the same scheduler pass land in one transaction, not one inline transaction each, and
     every one of them is durable when its ``commit()`` returns."""
     n = 50
-    db = tmp_path / "j.db"
-    backend = CountingSQLite(str(db))
-    writer = JournalWriter(backend, JournalConfig(url=f"sqlite:///{db}", flush_interval_ms=20))
-    await writer.setup("a")
+    backend, writer = await _sqlite_writer(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         recs = [_rec() for _ in range(n)]

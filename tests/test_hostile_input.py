@@ -682,6 +682,36 @@ async def test_row16_http2_requests_obey_the_same_rules(
     assert canary.connections == 0
 
 
+async def test_an_http2_connection_is_not_cut_when_the_drain_ends_keep_alive(
+    fake_upstream: FakeUpstream, journal_url: str
+) -> None:
+    """The end of keep-alive at a drain's cut closes HTTP/1.1 connections after a response;
+    an HTTP/2 connection keeps Hypercorn's own way (it is not dropped between its streams,
+    which would lose a request already in flight on it): its next stream is answered."""
+    with trio.fail_after(30):
+        async with run_keepstream(corpus_config(fake_upstream.url, journal_url)) as ks:
+            conn = _h2_connection()
+            conn.initiate_connection()
+            conn.send_headers(1, h2_get("/_keepstream/healthz"), end_stream=True)
+            stream = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            try:
+                await stream.send_all(conn.data_to_send())
+                first = await h2_exchange(stream, conn, 1, b"")
+                if ks.config.server.engine == "lean":
+                    assert first == "closed"  # HTTP/1.1 only: the preface is refused
+                    return
+                assert first == "200"
+                sup = ks.proxy.supervisor
+                sup.begin_drain()
+                sup.interrupt_all()  # the drain's cut: keep-alive over
+                for stream_id in (3, 5):  # the connection outlives a stream after the cut
+                    conn.send_headers(stream_id, h2_get("/_keepstream/readyz"), end_stream=True)
+                    await stream.send_all(conn.data_to_send())
+                    assert await h2_exchange(stream, conn, stream_id, b"") == "503", stream_id
+            finally:
+                await stream.aclose()
+
+
 async def test_row16_h2c_upgrade_obeys_the_same_rules(
     fake_upstream: FakeUpstream, journal_url: str, canary: Canary
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -57,9 +58,10 @@ class LeanTCPServer(TCPServer):
     async def protocol_send(self, event: Event) -> None:
         if type(event) is not RawData or self.send_lock.locked():
             if type(event) is Updated and event.idle and self.keep_alive is not None and \
-                    self.keep_alive.ended:
-                # A response ended after keep-alive is over: close now, as Hypercorn does once
-                # ``terminated`` is set, rather than start an idle-timeout task to do it later.
+                    self.keep_alive.ended and type(self.protocol.protocol) is H11Protocol:
+                # An HTTP/1.1 response ended after keep-alive is over: close now, as Hypercorn
+                # does once ``terminated`` is set, rather than start an idle-timeout task to do
+                # it later. (HTTP/2 keeps Hypercorn's way: a GOAWAY before the close.)
                 event = Closed()
             await super().protocol_send(event)
             return
@@ -107,7 +109,8 @@ async def serve_connections(
     accepting and give open connections ``config.graceful_timeout`` to finish.
 
     Once ``close_trigger`` (if given) returns, keep-alive ends while accepting goes on: each
-    connection closes when its next response ends (a new one is still answered). A drain
+    HTTP/1.1 connection closes when its next response ends (a new one is still answered;
+    HTTP/2 connections are left to Hypercorn's GOAWAY at shutdown). A drain
     sets it when it cuts its remaining streams: a connection closed at the end of its
     response costs Hypercorn less than one recycled for the next request and closed later by
     an idle-timeout task started for it (a drain of 1,000 streams spent about a fifth of its

@@ -291,6 +291,41 @@ async def test_commits_while_the_writer_is_held_take_the_batch_once(
     backend.close()
 
 
+async def test_a_row_touched_after_an_inline_commit_waits_for_the_flush_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Short streams one after another (each: a durable creation, a touched row, a durable
+    end, all inline): a row touched after an inline commit waits for the flush interval, as
+    every change does. Before, the touch ended the flush loop's interval wait at once, so
+    every other stream paid one more SQLite transaction for its touched row."""
+    backend, writer = await _sqlite_writer(tmp_path, flush_interval_ms=10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        n = 20
+        for _ in range(n):
+            rec = _rec()
+            await writer.commit(rec)  # created, inline
+            rec.upstream_status = 200
+            writer.touch(rec)  # the response head: no hurry
+            await trio.sleep(0.001)
+            rec.finish(Status.COMPLETED, None)
+            await writer.commit(rec)
+            await trio.sleep(0.001)
+        assert backend.threaded_commits == 0
+        assert backend.inline == 2 * n, backend.inline  # the commits' own, no flush-loop one
+        last = _rec()
+        await writer.commit(last)
+        writer.touch(last)
+        last.upstream_status = 201
+        t0 = trio.current_time()
+        while (backend.get(last.id) or {}).get("upstream_status") != 201:
+            await trio.sleep(0.5)
+        waited = trio.current_time() - t0
+        assert 9.0 <= waited <= 11.0, waited  # one interval: flushed, not forgotten
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
 async def test_grouped_commits_share_a_transaction(tmp_path: Path) -> None:
     """``grouped`` (set when a drain cuts every live stream at once): terminal commits made in
     the same scheduler pass land in one transaction, not one inline transaction each, and

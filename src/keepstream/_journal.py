@@ -493,7 +493,8 @@ class JournalWriter:
         self._pending_bytes = 0
         self._dirty = False
         self._urgent = False
-        self._wakeup = trio.Event()
+        self._wakeup = trio.Event()  # something is dirty: the flush loop starts its interval
+        self._hurry = trio.Event()  # something is urgent: the interval ends now
         self._committed_event = trio.Event()
         self._commits = 0
         self._w_limiter = trio.CapacityLimiter(1)
@@ -537,8 +538,7 @@ class JournalWriter:
             self._dirty = True
             self._wakeup.set()
         if self._pending_bytes >= self._flush_bytes and not self._urgent:
-            self._urgent = True
-            self._wakeup.set()
+            self._hurry_up()
 
     @property
     def degraded(self) -> bool:
@@ -580,10 +580,9 @@ class JournalWriter:
             await trio.lowlevel.checkpoint_if_cancelled()
             return
         self._dirty = True
-        self._urgent = True
         # A flush already in flight was taken before this call: wait for the one after it.
         target = self._commits + (2 if self._flushing else 1)
-        self._wakeup.set()
+        self._hurry_up()
         while self._commits < target:
             await self._committed_event.wait()
 
@@ -653,12 +652,22 @@ class JournalWriter:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if not self._urgent:
+                    # Only an urgent need (flush_bytes reached, a commit() waiting) ends the
+                    # interval early. A row dirtied meanwhile waits for it like the first
+                    # one: before, a touch right after an inline commit (which leaves nothing
+                    # dirty) ended it, one more transaction for every short stream.
+                    self._hurry = trio.Event()
                     with trio.move_on_after(self._interval):
-                        await self._wakeup.wait()
+                        await self._hurry.wait()
                 await self._flush()
         finally:
             with trio.move_on_after(5.0, shield=True):
                 await self._flush()
+
+    def _hurry_up(self) -> None:
+        self._urgent = True
+        self._wakeup.set()
+        self._hurry.set()
 
     def _take_batch(self) -> tuple[Batch, list[_Pending]]:
         batch = Batch()

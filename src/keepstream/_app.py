@@ -31,7 +31,6 @@ from ._record import record_json
 from ._resume import EventRewriter, EventSkipper, parse_ks_id, read_stream
 from ._rules import (
     RequestRejected,
-    build_upstream_url,
     check_head_size,
     check_request,
     filter_request_headers,
@@ -327,8 +326,7 @@ class KeepstreamApp:
             if idx is None:
                 raise RequestRejected(404, "no route for this path")
             route = self.config.routes[idx]
-            url = build_upstream_url(route.upstream, route.prefix, safe_path,
-                                     scope.get("query_string", b""))
+            url = self.supervisor.upstream_url(route, safe_path, scope.get("query_string", b""))
         except RequestRejected as exc:
             await send_error(send, exc.status, exc.message, close=close)
             return

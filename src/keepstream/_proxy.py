@@ -27,7 +27,6 @@ from ._journal import JournalWriter, open_backend
 from ._record import new_instance_id
 from ._rules import (
     RequestRejected,
-    build_upstream_url,
     check_request,
     filter_request_headers,
     match_route,
@@ -189,7 +188,7 @@ class Proxy:
         if idx is None:
             raise RequestRejected(404, f"no route for {path!r}")
         route = self.config.routes[idx]
-        url = build_upstream_url(route.upstream, route.prefix, safe, query)
+        url = self.supervisor.upstream_url(route, safe, query)
         upstream_headers = filter_request_headers(raw_headers)
         auth = self._upstream_auth.get(route.prefix)
         if auth is not None:  # the route's own upstream credential replaces any given here

@@ -32,7 +32,7 @@ from ._config import Config, Route
 from ._errors import KeepstreamError
 from ._journal import JournalWriter
 from ._record import Record, new_stream_id
-from ._rules import filter_response_headers
+from ._rules import build_upstream_url, filter_response_headers
 from ._sse import SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
 from ._transport import RAW_BODY
@@ -56,6 +56,11 @@ _LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 
 #: Most the idle deadline may fire after ``idle_timeout`` (see :func:`idle_slack`).
 MAX_IDLE_SLACK = 0.25
+#: Upstream URLs kept parsed (:meth:`Supervisor.upstream_url`): a gateway's streams go to a few
+#: distinct URLs, so the route checks and httpx's URL parsing run once per URL, not per stream.
+URL_CACHE_SIZE = 512
+#: Longer client paths plus queries are parsed each time, never kept.
+URL_CACHE_MAX_KEY = 512
 
 
 def idle_slack(idle_timeout: float) -> float:
@@ -129,7 +134,7 @@ class LiveStream:
         supervisor: Supervisor,
         record: Record,
         route: Route,
-        url: str,
+        url: str | httpx.URL,
         headers: Headers,
         body: bytes,
     ) -> None:
@@ -571,6 +576,27 @@ class Supervisor:
                                     pool=config.server.pool_timeout)
             for r in config.routes
         }
+        self._urls: dict[tuple[str, str, str, bytes], httpx.URL] = {}
+
+    def upstream_url(self, route: Route, path: str, query: bytes) -> str | httpx.URL:
+        """``build_upstream_url`` (raises ``RequestRejected`` the same way), parsed as
+        ``httpx.URL``; the last ``URL_CACHE_SIZE`` distinct short ones are kept (httpx's URLs
+        are immutable: streams share them). A URL httpx refuses stays a string: the stream
+        then fails on it as it would have without this."""
+        key = (route.upstream, route.prefix, path, query)
+        url = self._urls.get(key)
+        if url is not None:
+            return url
+        text = build_upstream_url(route.upstream, route.prefix, path, query)
+        try:
+            url = httpx.URL(text)
+        except httpx.InvalidURL:
+            return text
+        if len(path) + len(query) <= URL_CACHE_MAX_KEY:
+            if len(self._urls) >= URL_CACHE_SIZE:
+                del self._urls[next(iter(self._urls))]  # the oldest
+            self._urls[key] = url
+        return url
 
     def accepting(self) -> bool:
         return not self.draining or trio.current_time() < self._accept_until
@@ -580,7 +606,7 @@ class Supervisor:
         route: Route,
         method: str,
         path: str,
-        url: str,
+        url: str | httpx.URL,
         headers: Headers,
         body: bytes,
         *,

@@ -401,3 +401,38 @@ async def test_open_stream_refused_while_draining(fake_upstream: FakeUpstream,
                     pytest.fail("open_stream yielded")
             assert info.value.status == 503
     assert fake_upstream.exchanges == []
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_an_embedders_transport_may_answer_a_response_read_already(
+    journal: str, encoding: str | None,
+) -> None:
+    """``httpx.MockTransport`` handlers answer ``httpx.Response(200, content=...)``, which httpx
+    reads at construction. Before, such a stream failed (``StreamConsumed``) with nothing
+    relayed; now its content is relayed and journaled, decoded, without the Content-Encoding
+    it no longer has."""
+    import gzip
+
+    data = b"data: one\n\ndata: two\n\n"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "text/event-stream", "x-up": "1"}
+        if encoding:
+            headers["content-encoding"] = encoding
+            return httpx.Response(200, headers=headers, content=gzip.compress(data))
+        return httpx.Response(200, headers=headers, content=data)
+
+    cfg = Config(routes=(Route(prefix="/", upstream="http://up.invalid"),),
+                 journal=JournalConfig(url=journal, flush_interval_ms=20))
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http, \
+                open_proxy(cfg, client=http) as proxy:
+            async with proxy.open_stream("GET", "/s") as h:
+                body = b"".join([c async for c in h])
+            assert await h.wait_finished() == "completed"
+            assert await proxy.supervisor.writer.read_body(h.id) == data
+            row = await proxy.supervisor.writer.get(h.id)
+    assert body == data
+    headers = dict(h.headers)
+    assert headers[b"x-up"] == b"1" and b"content-encoding" not in headers
+    assert row is not None and row["events"] == 2 and row["bytes"] == len(data)

@@ -126,6 +126,25 @@ class Subscriber:
     must_flush: bool = False
 
 
+class _ReadBody:
+    """The body of a Response that was read before keepstream got it: one chunk."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _ReadBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self._data
+        if data is None:
+            raise StopAsyncIteration
+        self._data = None
+        return data
+
+
 class LiveStream:
     """One stream's state while it runs. Only its own task (``run``) mutates the buffer."""
 
@@ -422,6 +441,15 @@ class LiveStream:
                         rec.upstream_status = self.upstream_status = resp.status_code
                         rec.first_byte_at = time.time()
                         self.response_headers = filter_response_headers(resp.headers.raw)
+                        if resp.is_stream_consumed:
+                            # Read before keepstream got it (``httpx.Response(200,
+                            # content=...)``, as httpx.MockTransport handlers make, is read
+                            # at construction): its content is decoded, so it is relayed
+                            # without the Content-Encoding it no longer has.
+                            self.response_headers = [
+                                (k, v) for k, v in self.response_headers
+                                if k != b"content-encoding"
+                            ]
                         ctype = resp.headers.get("content-type", "")
                         if ctype.startswith("text/event-stream"):
                             self.is_sse = True
@@ -444,7 +472,10 @@ class LiveStream:
                         scope.deadline = min(self._fixed_deadline, armed)
                         raw = resp.extensions.get(RAW_BODY)
                         if raw is None or resp.is_stream_consumed:
-                            raw = resp.aiter_raw()  # a transport of the embedder's
+                            # A transport of the embedder's; one whose Response was read
+                            # already gives its content (aiter_raw() would refuse).
+                            raw = _ReadBody(resp.content) if resp.is_stream_consumed else \
+                                resp.aiter_raw()
                         elif sup.transport is not None:
                             # From our own transport the Response is this frame's alone and
                             # its aclose() only closes the body: the Response (its headers,

@@ -449,16 +449,37 @@ class KeepstreamApp:
         ``body_idle_timeout`` between pieces and ``body_timeout`` for all of it (408)."""
         server = self.config.server
         cap = server.max_body_bytes
+        framed = False  # a Content-Length over 0 or a Transfer-Encoding: a body may follow
         for name, value in headers:
-            if name.lower() == b"content-length":
+            lname = name.lower()
+            if lname == b"content-length":
                 digits = value.strip().lstrip(b"0")
                 if digits.isdigit() and (len(digits) > 18 or int(digits) > cap):
                     await send_error(send, 413, f"request body over {cap} bytes", close=close)
                     return None
+                framed = framed or bool(digits)
+            elif lname == b"transfer-encoding":
+                framed = True
         body = bytearray()
+        msg: Message | None
+        if close and not framed:
+            # HTTP/1.x (``close``) without a Content-Length over 0 or a Transfer-Encoding: the
+            # body is empty by its framing (RFC 9112 section 6.3), its one message already
+            # known to the server: no timeouts to arm (two cancel scopes per stream).
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            if not msg.get("more_body", False) and not msg.get("body"):
+                return b""
+            body += msg.get("body", b"")  # more than the framing said: the general way
+            if len(body) > cap:
+                await send_error(send, 413, f"request body over {cap} bytes", close=close)
+                return None
+            if not msg.get("more_body", False):
+                return bytes(body)
         with trio.move_on_after(server.body_timeout) as whole:
             while True:
-                msg: Message | None = None
+                msg = None
                 with trio.move_on_after(server.body_idle_timeout):
                     msg = await receive()
                 if msg is None:

@@ -211,6 +211,36 @@ async def test_small_commits_are_inline_and_a_locked_journal_falls_back_to_a_thr
     backend.close()
 
 
+async def test_commit_now_is_durable_on_return_or_says_it_must_wait(tmp_path: Path) -> None:
+    """``commit_now`` (what a stream's creation and end try before arming a timeout): True
+    only when the row is in the database on return; False, doing nothing lasting, when the
+    database is locked, and then :meth:`commit` still makes it durable once it is free."""
+    db = tmp_path / "j.db"
+    backend, writer = await _sqlite_writer(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        rec = _rec()
+        assert writer.commit_now(rec)
+        assert backend.get(rec.id) is not None  # durable, synchronously
+        locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        await trio.to_thread.run_sync(locker.execute, "BEGIN EXCLUSIVE")
+        other = _rec()
+        tried = backend.inline
+        assert not writer.commit_now(other)
+        assert not writer.commit_now(other)  # refused once: no new try until a commit lands
+        assert backend.inline == tried
+        await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+        with trio.fail_after(10):
+            await writer.commit(other)
+        assert backend.get(other.id) is not None
+        other.finish(Status.COMPLETED, None)
+        assert writer.commit_now(other)  # a commit landed: inline again
+        assert (backend.get(other.id) or {})["status"] == "completed"
+        locker.close()
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
 class SlowCheckpointSQLite(CountingSQLite):
     """A checkpoint that blocks until released: a disk sync that takes its time."""
 

@@ -565,8 +565,11 @@ class JournalWriter:
                 self._room = trio.Event()
             await self._room.wait()
 
-    async def commit(self, record: Record) -> None:
-        """Flush now, including ``record``'s row, and wait until that transaction is durable."""
+    def commit_now(self, record: Record) -> bool:
+        """:meth:`commit` if it can be done at once: flush everything pending, ``record``'s
+        row included, in one inline transaction on the event loop. True when it is durable
+        on return; False when it must go :meth:`commit`'s way (which can wait, so its caller
+        arms a timeout only then)."""
         self._entry(record)
         inline = self.backend.inline_bytes
         # The inline try only when it can succeed: not while the writer connection is busy in
@@ -574,9 +577,13 @@ class JournalWriter:
         # until a commit lands. Each failed try gathers and puts back everything pending, so
         # retrying it for every stream that ends meanwhile was quadratic (a drain of 1,000
         # streams during a slow checkpoint built half a million rows).
-        if inline and not self._flushing and not self._inline_refused and not self.grouped and \
-                self._pending_bytes <= inline and not self._w_limiter.borrowed_tokens and \
-                self._flush_now():
+        return bool(inline) and not self._flushing and not self._inline_refused and \
+            not self.grouped and self._pending_bytes <= inline and \
+            not self._w_limiter.borrowed_tokens and self._flush_now()
+
+    async def commit(self, record: Record) -> None:
+        """Flush now, including ``record``'s row, and wait until that transaction is durable."""
+        if self.commit_now(record):
             await trio.lowlevel.checkpoint_if_cancelled()
             return
         self._dirty = True

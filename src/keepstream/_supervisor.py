@@ -2,8 +2,9 @@
 
 A stream is one task (:meth:`LiveStream.run`): upstream fetch -> journal + live buffer ->
 subscribers, inside a cancel scope that carries the route's deadlines. Its single ``finally``
-persists the terminal status under ``trio.move_on_after(persist_timeout, shield=True)``; nothing
-else ever writes a terminal status (I1). Requests are only subscribers: they read the live buffer
+persists the terminal status: an inline commit at once when the journal can take it, else
+under ``trio.move_on_after(persist_timeout, shield=True)``; nothing else ever writes a terminal
+status (I1). Requests are only subscribers: they read the live buffer
 from their own offset and never own the upstream connection, so the stream can outlive them
 (``on_disconnect = "finish"``, detached streams).
 
@@ -546,8 +547,9 @@ class LiveStream:
             rec.finish(status, reason)
             if status in (Status.INTERRUPTED, Status.CANCELLED) and self.error_status == 502:
                 self.error_status = 503
-            with trio.move_on_after(sup.config.server.persist_timeout, shield=True):
-                await writer.commit(rec)
+            if not writer.commit_now(rec):  # else durable already: no scope to arm
+                with trio.move_on_after(sup.config.server.persist_timeout, shield=True):
+                    await writer.commit(rec)
             self.finished = True
             self._set_ready()  # wakes every waiting subscriber
             self.ended = True
@@ -664,9 +666,13 @@ class Supervisor:
         self._count(rec, +1)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self.started_total += 1
-        with trio.move_on_after(self.config.server.persist_timeout) as cs:
-            await self.writer.commit(rec)
-        if cs.cancelled_caught:
+        if self.writer.commit_now(rec):
+            refused = False  # durable already (an inline commit): no timeout to arm
+        else:
+            with trio.move_on_after(self.config.server.persist_timeout) as cs:
+                await self.writer.commit(rec)
+            refused = cs.cancelled_caught
+        if refused:
             del self.live[rec.id]
             self._count(rec, -1)
             self.started_total -= 1

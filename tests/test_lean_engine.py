@@ -317,6 +317,37 @@ async def test_keep_alive_timeout_closes_idle_and_slow_heads(
         assert 2.0 <= trio.current_time() - start < 3.0
 
 
+async def test_a_head_already_read_is_served_refused_or_waited_for_under_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Requests sent in one write with the one before (pipelined): each next head is parsed
+    from what is already read, without the keep-alive timeout; a bad one is refused as any
+    other; a part of a head still waits for its rest under ``keep_alive_timeout``."""
+    async with lean(hello, keep_alive=2.0) as (port, _):
+        whole = await trio.open_tcp_stream("127.0.0.1", port)
+        await whole.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = bytearray()
+        assert (await read_response(whole, buf)).endswith(b"GET /a  ")
+        assert (await read_response(whole, buf)).endswith(b"GET /b  ")
+        await whole.aclose()
+
+        bad = await trio.open_tcp_stream("127.0.0.1", port)
+        await bad.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nbad\r\n\r\n")
+        buf = bytearray()
+        assert (await read_response(bad, buf)).endswith(b"GET /a  ")
+        rest = bytes(buf) + await read_until_closed(bad)
+        assert rest.startswith(b"HTTP/1.1 400 "), rest
+
+        part = await trio.open_tcp_stream("127.0.0.1", port)
+        await part.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHo")
+        buf = bytearray()
+        assert (await read_response(part, buf)).endswith(b"GET /a  ")
+        start = trio.current_time()
+        assert bytes(buf) + await read_until_closed(part, 10) == b""
+        assert 2.0 <= trio.current_time() - start < 3.0
+
+
 async def test_shutdown_closes_idle_and_ends_busy_after_their_response() -> None:
     release = trio.Event()
 

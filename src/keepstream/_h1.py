@@ -213,8 +213,36 @@ class _Connection:
         self._ahead = None
         self._h = h
         self._reset()
+        # The head is most often here already (a new connection's first request, a pipelined
+        # one): it is parsed without arming the keep-alive timeout, a cancel scope that costs
+        # more than the parse. Only a head still to come is waited for under it.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        error: h11.RemoteProtocolError | None = None
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                error = exc  # answered under the timeout below (the answer's write can wait)
+                break
+            if event is h11.NEED_DATA:
+                try:
+                    got = os.read(self.fd, RECV_SIZE)
+                except BlockingIOError:
+                    break  # nothing yet: wait for it below
+                except OSError:
+                    got = b""
+                if not got:
+                    self._peer_gone = True
+                    return None
+                h.receive_data(got)
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
         idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
         with idle:
+            if error is not None:
+                await self._refuse(error.error_status_hint)
+                return None
             while True:
                 try:
                     event = h.next_event()

@@ -1,0 +1,120 @@
+"""Instructions per request of ``keepstream serve`` (valgrind callgrind): an A/B figure that a
+noisy, shared machine does not move.
+
+Wall-clock CPU per request (``run.py --scenario ttfb``) moves by 10-30% between runs here; the
+instructions a process executes for the same requests repeat to about 0.1%. This runs
+``keepstream serve`` under ``valgrind --tool=callgrind`` twice per source tree (once answering no
+request, once ``--requests`` sequential ones, a new connection each, as the ttfb scenario) and
+prints the difference per request. User-space instructions only: system-call time is not in it,
+so a change that adds or removes system calls needs ``strace -c`` as well.
+
+    python benchmarks/instructions.py                                 # this checkout
+    python benchmarks/instructions.py --src /tmp/base/src --src src   # A/B, same run
+    python benchmarks/instructions.py --engine hypercorn --journal none
+
+Each run takes about 30-60 s (valgrind runs the server some 50 times slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited early (code {proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"nothing listened on 127.0.0.1:{port} within {limit:.0f} s")
+
+
+def measure(src: str, requests: int, engine: str, journal: str, workdir: Path) -> int:
+    """Total instructions of one ``keepstream serve`` process that answered ``requests``."""
+    up_port, ks_port = _free_port(), _free_port()
+    out = workdir / f"cg-{os.getpid()}-{time.monotonic_ns()}.out"
+    db = workdir / "journal.db"
+    for p in workdir.glob("journal.db*"):
+        p.unlink()
+    url = f"sqlite:///{db}" if journal == "sqlite" else journal
+    env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+    upstream = subprocess.Popen([PY, str(HERE / "upstream.py"), "--port", str(up_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-line=no",
+         PY, "-m", "keepstream", "serve", "--bind", f"127.0.0.1:{ks_port}",
+         "--upstream", f"http://127.0.0.1:{up_port}", "--engine", engine, "--journal", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        _wait_port(ks_port, server, 180)
+        if requests:
+            subprocess.run([PY, str(HERE / "loadgen.py"), "--target", f"127.0.0.1:{ks_port}",
+                            "--path", "/bulk?events=1", "--streams", str(requests),
+                            "--sequential", "--expect", "1", "--timeout", "900"],
+                           check=True, stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
+    finally:
+        server.send_signal(2)  # SIGINT: a graceful stop, so callgrind writes its totals
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        upstream.kill()
+        upstream.wait()
+    text = out.read_text(errors="replace")
+    out.unlink()
+    found = re.search(r"^summary: (\d+)", text, re.M)
+    if found is None:
+        raise SystemExit("callgrind wrote no summary line")
+    return int(found.group(1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", action="append", default=None,
+                   help="a source tree to put first on PYTHONPATH (repeat for A/B; default: "
+                        "the installed keepstream)")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--engine", default="lean", choices=["lean", "hypercorn"])
+    p.add_argument("--journal", default="sqlite", help="sqlite (a fresh file) or a journal URL")
+    p.add_argument("--repeat", type=int, default=1)
+    args = p.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed")
+    with tempfile.TemporaryDirectory(prefix="ks-instr-") as tmp:
+        work = Path(tmp)
+        for src in args.src or [""]:
+            base = measure(src, 0, args.engine, args.journal, work)
+            for _ in range(args.repeat):
+                total = measure(src, args.requests, args.engine, args.journal, work)
+                per = (total - base) / args.requests
+                print(f"{src or '(installed)'}: {total:,} instructions for {args.requests} "
+                      f"requests, {base:,} for none: {per / 1e6:.3f}M per request", flush=True)
+
+
+if __name__ == "__main__":
+    main()

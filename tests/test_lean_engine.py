@@ -348,6 +348,39 @@ async def test_a_head_already_read_is_served_refused_or_waited_for_under_the_tim
         assert 2.0 <= trio.current_time() - start < 3.0
 
 
+async def test_a_pipelined_flood_answered_at_once_does_not_hold_the_event_loop() -> None:
+    """200 requests in one write, each answered without waiting (no request waits for a head,
+    a body or a socket): the connection still lets other tasks run while it works through
+    them, not only once it is done."""
+    served = 0
+    seen: list[int] = []
+
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal served
+        served += 1
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    n = 200
+    with trio.fail_after(10):
+        async with lean(quick) as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * n)
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    while served < n:
+                        seen.append(served)
+                        await trio.lowlevel.checkpoint()
+
+                nursery.start_soon(watch)
+                got = b""
+                while got.count(b"HTTP/1.1 204") < n:
+                    got += await stream.receive_some(1 << 20)
+            await stream.aclose()
+    assert any(0 < k < n for k in seen), seen[:5]
+
+
 async def test_shutdown_closes_idle_and_ends_busy_after_their_response() -> None:
     release = trio.Event()
 

@@ -236,7 +236,13 @@ class _Connection:
                     return None
                 h.receive_data(got)
                 continue
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # No yield for each head: the request then waits for its upstream anyway. Every
+            # YIELD_EVERY-th (with the writes that did not wait) still yields, so a client
+            # pipelining requests answered at once cannot hold the event loop.
+            self._unyielded += 1
+            if self._unyielded >= YIELD_EVERY:
+                self._unyielded = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
         idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
         with idle:

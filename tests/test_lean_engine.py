@@ -27,12 +27,12 @@ App = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 @asynccontextmanager
-async def lean(app: App, *, keep_alive: float = 5.0,
-               graceful: float = 1.0) -> AsyncIterator[tuple[int, trio.Event]]:
+async def lean(app: App, *, keep_alive: float = 5.0, graceful: float = 1.0,
+               backlog: int = 16) -> AsyncIterator[tuple[int, trio.Event]]:
     """Serve ``app`` with the lean engine on 127.0.0.1; yields (port, stop event)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
+    sock.listen(backlog)
     sock.setblocking(False)
     stop = trio.Event()
     try:
@@ -378,6 +378,28 @@ async def test_a_pipelined_flood_answered_at_once_does_not_hold_the_event_loop()
                 while got.count(b"HTTP/1.1 204") < n:
                     got += await stream.receive_some(1 << 20)
             await stream.aclose()
+    assert any(0 < k < n for k in seen), seen[:5]
+
+
+async def test_a_burst_of_waiting_connections_does_not_hold_the_event_loop() -> None:
+    """150 connections already in the listen backlog: the accept loop takes them without
+    waiting, and still lets other tasks run between them (each accepted connection is a new
+    task: the number of living tasks is seen to grow in steps, not at once)."""
+    n = 150
+    seen: list[int] = []
+    with trio.fail_after(10):
+        async with lean(hello, backlog=n + 10) as (port, _):
+            await trio.sleep(0.05)  # the accept loop waits for a connection
+            base = trio.lowlevel.current_statistics().tasks_living
+            clients = []
+            for _ in range(n):  # completed by the kernel (backlog), not yet accepted
+                c = socket.create_connection(("127.0.0.1", port))
+                clients.append(c)
+            while (living := trio.lowlevel.current_statistics().tasks_living) < base + n:
+                seen.append(living - base)
+                await trio.lowlevel.checkpoint()
+            for c in clients:
+                c.close()
     assert any(0 < k < n for k in seen), seen[:5]
 
 

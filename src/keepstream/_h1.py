@@ -135,7 +135,7 @@ class _Connection:
         "_response_done", "_started", "_unyielded", "client", "fd", "server", "sock",
     )
 
-    def __init__(self, server: _Server, sock: trio.socket.SocketType,
+    def __init__(self, server: _Server, sock: socket.socket,
                  client: tuple[str, int] | None) -> None:
         self.server = server
         self.sock = sock
@@ -180,6 +180,7 @@ class _Connection:
             log.warning("keepstream: a connection failed in the lean engine; closed it",
                         exc_info=True)
         finally:
+            trio.lowlevel.notify_closing(self.sock)  # as trio's close(): no waiter is left
             self.sock.close()
 
     async def _requests(self) -> None:
@@ -653,7 +654,7 @@ async def serve_lean(
 
     Once ``close_trigger`` (if given) returns, keep-alive ends while accepting goes on: every
     connection (a new one too) closes after its next response, with ``Connection: close``."""
-    listener = trio.socket.from_stdlib_socket(sock)
+    sock.setblocking(False)  # accepted on directly (accept_loop)
     name = sock.getsockname()
     host, port = name[0], name[1]
     server = _Server(app, keep_alive_timeout, graceful_timeout, (host, port))
@@ -663,9 +664,19 @@ async def serve_lean(
     async with trio.open_nursery() as connections:
 
         async def accept_loop() -> None:
+            run = 0  # accepts in a row that did not wait
             while True:
+                # The listening socket itself, not trio's accept(): its try-first helper is an
+                # async context manager (a generator and an exception per accept that waits).
+                # A run of accepts that do not wait yields every YIELD_EVERY-th, as trio's
+                # yields after each one, so a connection flood cannot hold the event loop.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    client, addr = await listener.accept()
+                    client, addr = sock.accept()
+                except BlockingIOError:
+                    run = 0
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
                 except OSError as exc:
                     if exc.errno in _ACCEPT_RETRY:
                         # The wording of trio.serve_listeners' message, which the Hypercorn
@@ -676,12 +687,17 @@ async def serve_lean(
                         await trio.sleep(0.1)
                         continue
                     raise
+                client.setblocking(False)
                 try:
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
                 peer = (addr[0], addr[1]) if isinstance(addr, tuple) else None
                 connections.start_soon(_Connection(server, client, peer).run)
+                run += 1
+                if run >= YIELD_EVERY:
+                    run = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
 
         async with trio.open_nursery() as accepting:
             accepting.start_soon(accept_loop)

@@ -19,10 +19,9 @@ Each run takes about 30-60 s (valgrind runs the server some 50 times slower).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,61 +29,45 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import Proc, _free_port, _wait_port  # noqa: E402  (the suite's own process helpers)
+
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited early (code {proc.returncode})")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"nothing listened on 127.0.0.1:{port} within {limit:.0f} s")
 
 
 def measure(src: str, requests: int, engine: str, journal: str, workdir: Path) -> int:
     """Total instructions of one ``keepstream serve`` process that answered ``requests``."""
     up_port, ks_port = _free_port(), _free_port()
-    out = workdir / f"cg-{os.getpid()}-{time.monotonic_ns()}.out"
+    out = workdir / f"cg-{time.monotonic_ns()}.out"
     db = workdir / "journal.db"
     for p in workdir.glob("journal.db*"):
         p.unlink()
     url = f"sqlite:///{db}" if journal == "sqlite" else journal
-    env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
-    upstream = subprocess.Popen([PY, str(HERE / "upstream.py"), "--port", str(up_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-line=no",
-         PY, "-m", "keepstream", "serve", "--bind", f"127.0.0.1:{ks_port}",
-         "--upstream", f"http://127.0.0.1:{up_port}", "--engine", engine, "--journal", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+    env = {"PYTHONPATH": src} if src else {}
+    upstream = Proc("upstream", [PY, str(HERE / "upstream.py"), "--port", str(up_port)],
+                    workdir / "upstream.log", None)
+    server = Proc("keepstream", [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-line=no",
+        PY, "-m", "keepstream", "serve", "--bind", f"127.0.0.1:{ks_port}",
+        "--upstream", f"http://127.0.0.1:{up_port}", "--engine", engine, "--journal", url,
+    ], workdir / "keepstream.log", None, env=env)
     try:
-        _wait_port(ks_port, server, 180)
+        _wait_port(upstream, up_port)
+        _wait_port(server, ks_port, timeout=180)
         if requests:
             subprocess.run([PY, str(HERE / "loadgen.py"), "--target", f"127.0.0.1:{ks_port}",
                             "--path", "/bulk?events=1", "--streams", str(requests),
                             "--sequential", "--expect", "1", "--timeout", "900"],
                            check=True, stdout=subprocess.DEVNULL)
         time.sleep(1.0)
-    finally:
-        server.send_signal(2)  # SIGINT: a graceful stop, so callgrind writes its totals
+        server.p.send_signal(signal.SIGINT)  # a graceful stop: callgrind writes its totals
         try:
-            server.wait(120)
+            server.p.wait(120)
         except subprocess.TimeoutExpired:
-            server.kill()
-        upstream.kill()
-        upstream.wait()
+            pass
+    finally:
+        server.stop()
+        upstream.stop()
     text = out.read_text(errors="replace")
     out.unlink()
     found = re.search(r"^summary: (\d+)", text, re.M)

@@ -461,27 +461,22 @@ class KeepstreamApp:
             elif lname == b"transfer-encoding":
                 framed = True
         body = bytearray()
-        msg: Message | None
+        first: Message | None = None
         if close and not framed:
             # HTTP/1.x (``close``) without a Content-Length over 0 or a Transfer-Encoding: the
             # body is empty by its framing (RFC 9112 section 6.3), its one message already
-            # known to the server: no timeouts to arm (two cancel scopes per stream).
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None
-            if not msg.get("more_body", False) and not msg.get("body"):
+            # known to the server: no timeouts to arm (two cancel scopes per stream). A body
+            # given all the same goes the general way below.
+            first = await receive()
+            if first["type"] == "http.request" and not first.get("more_body", False) and \
+                    not first.get("body"):
                 return b""
-            body += msg.get("body", b"")  # more than the framing said: the general way
-            if len(body) > cap:
-                await send_error(send, 413, f"request body over {cap} bytes", close=close)
-                return None
-            if not msg.get("more_body", False):
-                return bytes(body)
         with trio.move_on_after(server.body_timeout) as whole:
             while True:
-                msg = None
-                with trio.move_on_after(server.body_idle_timeout):
-                    msg = await receive()
+                msg, first = first, None
+                if msg is None:
+                    with trio.move_on_after(server.body_idle_timeout):
+                        msg = await receive()
                 if msg is None:
                     await send_error(send, 408, "request body idle timeout", close=close)
                     return None

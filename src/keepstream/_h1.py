@@ -64,6 +64,8 @@ MAX_READ_AHEAD = 64 * 1024
 RECV_SIZE = 64 * 1024
 #: Sends in a row that did not yield before one does (so a loop of sends cannot starve others).
 YIELD_EVERY = 32
+#: ``_Connection._head_now``: the client closed or reset before a whole request head.
+_GONE = object()
 
 _REASONS: dict[int, bytes] = {}
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -218,25 +220,12 @@ class _Connection:
         # one): it is parsed without arming the keep-alive timeout, a cancel scope that costs
         # more than the parse. Only a head still to come is waited for under it.
         await trio.lowlevel.checkpoint_if_cancelled()
-        error: h11.RemoteProtocolError | None = None
-        while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                error = exc  # answered under the timeout below (the answer's write can wait)
-                break
-            if event is h11.NEED_DATA:
-                try:
-                    got = os.read(self.fd, RECV_SIZE)
-                except BlockingIOError:
-                    break  # nothing yet: wait for it below
-                except OSError:
-                    got = b""
-                if not got:
-                    self._peer_gone = True
-                    return None
-                h.receive_data(got)
-                continue
+        event: object | None
+        try:
+            event = self._head_now(h)
+        except h11.RemoteProtocolError as exc:
+            event = exc  # answered under the timeout below (the answer's write can wait)
+        if event is not None and not isinstance(event, h11.RemoteProtocolError):
             # No yield for each head: the request then waits for its upstream anyway. Every
             # YIELD_EVERY-th (with the writes that did not wait) still yields, so a client
             # pipelining requests answered at once cannot hold the event loop.
@@ -244,28 +233,41 @@ class _Connection:
             if self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
+            return event if isinstance(event, h11.Request) else None
         idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
         with idle:
-            if error is not None:
-                await self._refuse(error.error_status_hint)
-                return None
             while True:
-                try:
-                    event = h.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._refuse(exc.error_status_hint)
+                if isinstance(event, h11.RemoteProtocolError):
+                    await self._refuse(event.error_status_hint)
                     return None
-                if event is h11.NEED_DATA:
-                    data = await self._recv()
-                    if data is None:
-                        return None
-                    h.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    return event
-                return None  # ConnectionClosed (PAUSED cannot come before a request)
+                if event is not None:
+                    return event if isinstance(event, h11.Request) else None
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    event = self._head_now(h)
+                except h11.RemoteProtocolError as exc:
+                    event = exc
         return None  # keep-alive timeout (or a head that never completed)
+
+    def _head_now(self, h: h11.Connection) -> object | None:
+        """Parse the request head from what is here, reading without waiting: h11's event (a
+        ``Request``, or ``ConnectionClosed``: PAUSED cannot come before a request), ``_GONE``
+        when the client closed or reset, None when the rest is still to come. Raises
+        ``h11.RemoteProtocolError`` for a bad head."""
+        while True:
+            event = h.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                got = os.read(self.fd, RECV_SIZE)
+            except BlockingIOError:
+                return None
+            except OSError:
+                got = b""
+            if not got:
+                self._peer_gone = True
+                return _GONE
+            h.receive_data(got)
 
     async def _recv(self) -> bytes | None:
         """Bytes from the client, or None when it closed or reset. A checkpoint, as trio's

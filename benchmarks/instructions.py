@@ -3,7 +3,9 @@ noisy, shared machine does not move.
 
 Wall-clock CPU per request (``run.py --scenario ttfb``) moves by 10-30% between runs here; the
 instructions a process executes for the same requests repeat to about 0.1-0.4% in total, 1-2%
-in the per-request figure (the difference of two totals); ``--repeat`` shows the spread. This runs
+in the per-request figure (the difference of two totals) within one run; runs an hour apart
+drifted by up to 3%, so compare trees in one run (``--src A --src B``); ``--repeat`` shows the
+spread. This runs
 ``keepstream serve`` under ``valgrind --tool=callgrind`` twice per source tree (once answering no
 request, once ``--requests`` sequential ones, a new connection each, as the ttfb scenario) and
 prints the difference per request. User-space instructions only: system-call time is not in it,

@@ -18,6 +18,7 @@ LAYER = {
     "_journal": 1,
     "_pool": 1,
     "_transport": 1,
+    "_poller": 1,
     "_supervisor": 2,
     "_resume": 3,
     "_app": 4,

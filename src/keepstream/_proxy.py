@@ -24,6 +24,7 @@ from ._app import KeepstreamApp
 from ._config import Config, upstream_credentials
 from ._errors import ProxyError
 from ._journal import JournalWriter, open_backend
+from ._poller import UpstreamPoller
 from ._record import new_instance_id
 from ._rules import (
     RequestRejected,
@@ -255,10 +256,17 @@ async def open_proxy(
             async with trio.open_nursery() as root:
                 await root.start(_run_in_scope, writer.run, writer_scope,
                                  name="keepstream journal writer")
+                # The poller runs shielded as the writer does, so a cancelled ``open_proxy``
+                # still reads the upstreams of the streams its drain lets finish.
+                poller = UpstreamPoller.create()
+                poller_scope = trio.CancelScope(shield=True)
+                if poller is not None:
+                    await root.start(_run_in_scope, poller.run, poller_scope,
+                                     name="keepstream upstream poller")
                 try:
                     async with trio.open_nursery() as streams:
                         supervisor = Supervisor(config, writer, upstream, streams, instance,
-                                                transport=own_transport)
+                                                transport=own_transport, poller=poller)
                         supervisor.recovered = orphaned
                         proxy = Proxy(config, supervisor)
                         try:
@@ -270,6 +278,7 @@ async def open_proxy(
                             with trio.CancelScope(shield=True):
                                 await supervisor.drain()
                 finally:
+                    poller_scope.cancel()
                     writer_scope.cancel()
                 root.cancel_scope.cancel()
         except BaseExceptionGroup as group:

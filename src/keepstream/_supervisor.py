@@ -32,11 +32,12 @@ import trio
 from ._config import Config, Route
 from ._errors import KeepstreamError
 from ._journal import JournalWriter
+from ._poller import UpstreamPoller
 from ._record import Record, new_stream_id
 from ._rules import build_upstream_url, filter_response_headers
 from ._sse import SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
-from ._transport import RAW_BODY
+from ._transport import RAW_BODY, _Body
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -89,6 +90,13 @@ class Lagging(Exception):
 SINK_REFUSED = 0  # not taken: the subscriber's task sends it as usual
 SINK_TAKEN = 1  # written out whole
 SINK_BLOCKED = 2  # taken, but the rest waits for the socket: the subscriber's task must flush
+
+# What the upstream poller left the stream task to do (LiveStream._relay_polled).
+_POLL_WAIT = 0  # nothing: wait on
+_POLL_DONE = 1  # the body ended, or failed (``_poll_error``)
+_POLL_ROOM = 2  # the journal is over its backlog: wait for room
+_POLL_GONE = 3  # the poller stopped: read through trio
+_POLL_CANCELLED = 4  # the stream's scope was cancelled
 
 
 class Direct(Protocol):
@@ -190,6 +198,14 @@ class LiveStream:
         self._fixed_deadline = float("inf")
         self._finish_deadline = False  # the finish_timeout deadline is in force
         self.parser: SSEParser | None = None
+        # the idle deadline (see run) and the upstream poller's state (see _relay_polled)
+        self._idle = 0.0
+        self._slack = 0.0
+        self._armed = 0.0
+        self._poll_body: _Body | None = None
+        self._poll_event: trio.Event | None = None
+        self._poll_state = _POLL_WAIT
+        self._poll_error: Exception | None = None
 
     @property
     def response_ready(self) -> trio.Event:
@@ -404,6 +420,114 @@ class LiveStream:
             del self._starts[: self._head]
             self._head = 0
 
+    # -- upstream bytes -------------------------------------------------------------------
+
+    def _take_chunk(self, chunk: bytes) -> bool:
+        """Relay, journal and count one piece of the upstream body (non-empty). True when
+        the journal is over its backlog: the caller waits for room (``writer.wait_room``),
+        then re-arms the idle deadline (``_rearm``)."""
+        rec = self.record
+        writer = self.supervisor.writer
+        self._push(chunk)
+        writer.append(rec, chunk)
+        rec.bytes += len(chunk)
+        parser = self.parser
+        if parser is not None and parser.count(chunk):
+            rec.events = parser.events
+            rec.last_event_id = parser.dispatched_id
+        if writer.over_backlog():
+            # A slow journal is not an idle upstream: only the fixed deadlines run while the
+            # stream waits for room.
+            self.scope.deadline = self._fixed_deadline
+            self._armed = 0.0
+            return True
+        now = trio.current_time()
+        if now + self._idle > self._armed:
+            self._armed = now + self._idle + self._slack
+            self.scope.deadline = min(self._fixed_deadline, self._armed)
+        return False
+
+    def _rearm(self) -> None:
+        now = trio.current_time()
+        if now + self._idle > self._armed:
+            self._armed = now + self._idle + self._slack
+            self.scope.deadline = min(self._fixed_deadline, self._armed)
+
+    async def _relay_polled(self, body: _Body, poller: UpstreamPoller) -> bool:
+        """Read ``body`` to its end through ``poller`` (``keepstream._poller``): the poller
+        task calls :meth:`on_readable` for each read, and this task only waits, unless the
+        body ended or failed, the journal asks for room, or the scope was cancelled. False if
+        the poller stopped first: the caller reads the rest through trio."""
+        fd = body.fd
+        self._poll_body = body
+        try:
+            if body._first:
+                self.on_readable()  # the body bytes read with the head
+            while True:
+                if self._poll_state == _POLL_WAIT:
+                    event = self._poll_event = trio.Event()
+                    if not poller.add(fd, self):
+                        return False
+                    try:
+                        await event.wait()
+                    finally:
+                        poller.discard(fd)
+                        self._poll_event = None
+                state, self._poll_state = self._poll_state, _POLL_WAIT
+                if state == _POLL_DONE:
+                    exc, self._poll_error = self._poll_error, None
+                    if exc is not None:
+                        raise exc
+                    return True
+                if state == _POLL_ROOM:
+                    await self.supervisor.writer.wait_room()
+                    self._rearm()
+                    if body.complete:  # the read that filled the journal ended the body
+                        return True
+                elif state == _POLL_GONE:
+                    return False
+                elif state == _POLL_CANCELLED:
+                    await trio.lowlevel.checkpoint()  # raises the scope's Cancelled
+        finally:
+            self._poll_body = None
+            self._poll_error = None
+
+    def _end_poll(self, state: int) -> None:
+        self._poll_state = state
+        body = self._poll_body
+        if body is not None:
+            self.supervisor.poller.discard(body.fd)  # type: ignore[union-attr]
+        if self._poll_event is not None:
+            self._poll_event.set()
+
+    def on_readable(self) -> None:
+        """The poller's call (``keepstream._poller.PollTarget``): one read of the body,
+        relayed and journalled, in the poller task; never raises ``Exception``."""
+        if self.scope.cancel_called:
+            self._end_poll(_POLL_CANCELLED)  # read nothing more: the stream is ending
+            return
+        body = self._poll_body
+        assert body is not None
+        try:
+            try:
+                chunk = body.read_nowait()
+            except httpx.RemoteProtocolError:
+                if body.partial:
+                    self._take_chunk(body.partial)  # the bytes before the fault come first
+                raise
+            if chunk and self._take_chunk(chunk):
+                self._end_poll(_POLL_ROOM)
+                return
+        except Exception as exc:
+            self._poll_error = exc
+            self._end_poll(_POLL_DONE)
+            return
+        if body.complete:
+            self._end_poll(_POLL_DONE)
+
+    def on_poller_gone(self) -> None:
+        self._end_poll(_POLL_GONE)
+
     # -- the stream task ------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -461,16 +585,14 @@ class LiveStream:
                         writer.touch(rec)
                         self._set_ready()
                         phase = "idle"
-                        idle = route.idle_timeout
-                        scope = self.scope
-                        parser = self.parser
                         # The idle deadline is re-armed only once it is less than ``idle``
                         # away, and then ``slack`` further: it fires between idle and
                         # idle + slack after the last chunk, never early, and costs one
                         # deadline update per ``slack`` of traffic instead of one per chunk.
-                        slack = idle_slack(idle)
-                        armed = trio.current_time() + idle + slack
-                        scope.deadline = min(self._fixed_deadline, armed)
+                        self._idle = route.idle_timeout
+                        self._slack = idle_slack(self._idle)
+                        self._armed = 0.0
+                        self._rearm()
                         raw = resp.extensions.get(RAW_BODY)
                         if raw is None or resp.is_stream_consumed:
                             # A transport of the embedder's; one whose Response was read
@@ -483,25 +605,13 @@ class LiveStream:
                             # its extensions) need not live as long as the stream.
                             close = raw.aclose
                             del resp
-                        async for chunk in raw:
-                            if not chunk:
-                                continue
-                            self._push(chunk)
-                            writer.append(rec, chunk)
-                            rec.bytes += len(chunk)
-                            if parser is not None and parser.count(chunk):
-                                rec.events = parser.events
-                                rec.last_event_id = parser.dispatched_id
-                            if writer.over_backlog():
-                                # A slow journal is not an idle upstream: only the fixed
-                                # deadlines run while the stream waits for room.
-                                scope.deadline = self._fixed_deadline
-                                await writer.wait_room()
-                                armed = 0.0
-                            now = trio.current_time()
-                            if now + idle > armed:
-                                armed = now + idle + slack
-                                scope.deadline = min(self._fixed_deadline, armed)
+                        poller = sup.poller
+                        if poller is None or not isinstance(raw, _Body) or not raw.pollable \
+                                or not await self._relay_polled(raw, poller):
+                            async for chunk in raw:
+                                if chunk and self._take_chunk(chunk):
+                                    await writer.wait_room()
+                                    self._rearm()
                     finally:
                         await close()
                     self._causes.append(Ending.UPSTREAM_DONE)
@@ -576,6 +686,7 @@ class Supervisor:
         instance: str,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        poller: UpstreamPoller | None = None,
     ) -> None:
         self.config = config
         self.writer = writer
@@ -584,6 +695,9 @@ class Supervisor:
         #: hooks, auth, redirects or cookies): requests go to it directly, without the
         #: client's send layers (the same request, built by ``client.build_request``).
         self.transport = transport
+        #: Reads the upstream sockets of waiting streams (``keepstream._poller``); None: each
+        #: stream task waits for its own through trio.
+        self.poller = poller
         self.nursery = nursery
         self.instance = instance
         self.buffer_cap = config.server.stream_buffer_bytes

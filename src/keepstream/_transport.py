@@ -371,7 +371,13 @@ class _ChunkedDecoder:
 
 
 class _Body(httpx.AsyncByteStream):
-    """The response body; returns its connection to the pool when read to a clean end."""
+    """The response body; returns its connection to the pool when read to a clean end.
+
+    Two ways to read it, which may follow one another: ``async for`` (waits with trio), or
+    :meth:`read_nowait` from a caller that waits for the socket itself (keepstream's upstream
+    poller, ``keepstream._poller``). The framing state lives on the object, not in a generator,
+    so either way picks up where the other stopped.
+    """
 
     def __init__(
         self,
@@ -387,78 +393,122 @@ class _Body(httpx.AsyncByteStream):
         self._conn: _Conn | None = conn
         self._first = first
         self._framing = framing  # "none" | "length" | "chunked" | "close"
-        self._length = length
+        self._left = length  # "length": body bytes still to come
         self._reusable = reusable
         self._read_timeout = read_timeout
-        self._complete = framing == "none"
+        self._decoder = _ChunkedDecoder() if framing == "chunked" else None
+        #: The body has been read to its end (its framing says so, or the close that ends it).
+        self.complete = framing == "none"
+        if framing == "none":
+            self._first = b""
+        elif framing == "length" and not length:
+            self.complete = True
+            if first:
+                self._reusable = False  # bytes past the body: do not reuse
+            self._first = b""
+
+    @property
+    def fd(self) -> int:
+        """The connection's socket, for a caller that waits for it (-1 once closed)."""
+        return -1 if self._conn is None else self._conn.sock.fileno()
+
+    @property
+    def pollable(self) -> bool:
+        """:meth:`read_nowait` may be used: open, and no read timeout to run."""
+        return self._conn is not None and self._read_timeout is None and not self.complete
+
+    @property
+    def partial(self) -> bytes:
+        """After a framing error: the body bytes the failing read completed before it."""
+        return b"" if self._decoder is None else self._decoder.partial
+
+    def _take(self, data: bytes) -> bytes:
+        """The body bytes that ``data`` (read from the socket) completes; sets ``complete``.
+        A framing error raises ``httpx.RemoteProtocolError`` (see ``partial``)."""
+        decoder = self._decoder
+        if decoder is not None:
+            out = decoder.feed(data)
+            if decoder.done:
+                if decoder.leftover:
+                    self._reusable = False  # bytes past the body: do not reuse
+                self.complete = True
+            return out
+        if self._framing == "length":
+            left = self._left
+            if len(data) < left:
+                self._left = left - len(data)
+                return data
+            self._left = 0
+            self.complete = True
+            if len(data) > left:
+                self._reusable = False
+                return data[:left]
+        return data
+
+    def _eof(self) -> None:
+        """The upstream closed the connection: the end of a close-delimited body, else an
+        error."""
+        if self._framing == "close":
+            self.complete = True
+        elif self._framing == "length":
+            raise httpx.RemoteProtocolError(
+                f"upstream closed the connection {self._left} bytes before the end of the "
+                "body (Content-Length)")
+        else:
+            raise httpx.RemoteProtocolError(
+                "upstream closed the connection before the end of the chunked body")
+
+    def read_nowait(self) -> bytes:
+        """One step without waiting: the bytes read with the head if any are left, else one
+        non-blocking ``recv()``; returns the body bytes it completes (b"" if none, or nothing
+        was waiting). Sets ``complete`` at the end of the body. Errors as ``async for``
+        raises them: ``httpx.ReadError``, ``httpx.RemoteProtocolError`` (with ``partial``)."""
+        conn = self._conn
+        if conn is None:
+            raise httpx.StreamClosed()
+        data = self._first
+        if data:
+            self._first = b""
+        else:
+            try:
+                data = conn._read()
+            except BlockingIOError:
+                return b""
+            except OSError as exc:
+                raise httpx.ReadError(f"upstream read failed: {exc}") from exc
+            if not data:
+                self._eof()
+                return b""
+        return self._take(data)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
             raise httpx.StreamClosed()
         timeout = self._read_timeout
-        framing = self._framing
         data = self._first
         self._first = b""
-        if framing == "none":
-            return
-        if framing == "close":
-            while True:
-                if data:
-                    yield data
-                data = await conn.recv(_deadline(timeout))
-                if not data:
-                    self._complete = True
-                    return
-        if framing == "length":
-            left = self._length
-            while True:
-                if data:
-                    if len(data) >= left:
-                        if len(data) > left:
-                            self._reusable = False  # bytes past the body: do not reuse
-                        self._complete = True
-                        if left:
-                            yield data[:left]
-                        return
-                    left -= len(data)
-                    yield data
-                if not left:
-                    self._complete = True
-                    return
-                data = await conn.recv(_deadline(timeout))
-                if not data:
-                    raise httpx.RemoteProtocolError(
-                        f"upstream closed the connection {left} bytes before the end of the "
-                        "body (Content-Length)")
-        decoder = _ChunkedDecoder()
-        while True:
+        while not self.complete:
             if data:
                 try:
-                    out = decoder.feed(data)
+                    out = self._take(data)
                 except httpx.RemoteProtocolError:
-                    if decoder.partial:
-                        yield decoder.partial  # the bytes before the fault come out first
+                    if self.partial:
+                        yield self.partial  # the bytes before the fault come out first
                     raise
-                if decoder.done:
-                    if decoder.leftover:
-                        self._reusable = False
-                    self._complete = True
-                    if out:
-                        yield out
-                    return
                 if out:
                     yield out
+                if self.complete:
+                    return
             out = data = b""  # hold nothing while the stream waits (most of an idle one's life)
             data = await conn.recv(_deadline(timeout))
             if not data:
-                raise httpx.RemoteProtocolError(
-                    "upstream closed the connection before the end of the chunked body")
+                self._eof()
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._transport._release(conn, self._complete and self._reusable)
+            self._transport._release(conn, self.complete and self._reusable)
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:

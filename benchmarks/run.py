@@ -90,6 +90,11 @@ PEERS: dict[str, Peer] = {
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
                                     "--upstream", up, "--engine", "lean", "--journal",
                                     f"sqlite:///{tmp}-journal.db"], keepstream=True),
+        Peer("keepstream-lean-none", "keepstream serve --engine lean, journal none (what the "
+             "journal costs: keepstream-lean minus this)",
+             lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
+                                    "--upstream", up, "--engine", "lean", "--journal", "none"],
+             keepstream=True),
         Peer("keepstream-none", "keepstream serve, journal none",
              lambda bind, up, tmp: [PY, "-m", "keepstream", "serve", "--bind", bind,
                                     "--upstream", up, "--journal", "none"], keepstream=True),

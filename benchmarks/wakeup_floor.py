@@ -84,6 +84,8 @@ async def _trio_tasks(socks: list[socket.socket]) -> int:
                 data = s.recv(65536)
             except BlockingIOError:
                 continue
+            except ConnectionResetError:  # the writer exited with echoes unread
+                data = b""
             if not data:
                 return
             count += 1
@@ -109,6 +111,8 @@ async def _trio_poller(socks: list[socket.socket]) -> int:
                 data = s.recv(65536)
             except BlockingIOError:
                 continue
+            except ConnectionResetError:  # the writer exited with echoes unread
+                data = b""
             if not data:
                 ep.unregister(fd)
                 del by_fd[fd]

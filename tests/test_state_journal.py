@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from keepstream import JournalConfig
+from keepstream._errors import JournalError
 from keepstream._journal import (
     Batch,
     JournalWriter,
@@ -509,3 +510,113 @@ def test_recovery_keeps_a_live_siblings_open_records(tmp_path: Path) -> None:
         assert statuses == {"a" * 32: "open", "b" * 32: "orphaned"}
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory", "none"])
+def test_progress_rows_update_three_columns_and_rewrite_one_gone_since(
+    kind: str, tmp_path: Path
+) -> None:
+    """A stored open row whose only change is progress takes ``Batch.progress``: bytes (the
+    batch's own offset), events and last_event_id land, the rest of the row stays as stored;
+    a row gone meanwhile is written whole again from its record."""
+    backend = open_backend({"sqlite": f"sqlite:///{tmp_path / 'j.db'}", "memory": "memory:",
+                            "none": "none"}[kind])
+    backend.setup()
+    rec, other = _rec(), _rec()
+    rec.upstream_status = 200
+    backend.commit(Batch(rows=[rec.row(), other.row()], stored=[False, False]))
+    before = backend.get(rec.id)
+    assert before is not None
+    rec.events, rec.last_event_id, rec.bytes = 2, "e2", 999  # (bytes: the batch's offset wins)
+    rec.upstream_status = 500  # not progress: a progress row must not carry it
+    chunks = [(rec.id, 0, b"data: 1\n\ndata: 2\n\n")] if backend.stores_bodies else []
+    backend.commit(Batch(chunks=chunks, progress=[(18, 2, "e2", rec.id)],
+                         progress_records=[rec]))
+    assert backend.get(rec.id) == before | {"bytes": 18, "events": 2, "last_event_id": "e2"}
+    if kind == "sqlite":
+        with sqlite3.connect(tmp_path / "j.db") as conn:
+            conn.execute("DELETE FROM streams WHERE id = ?", (other.id,))
+    else:
+        del backend.rows[other.id]  # type: ignore[attr-defined]
+    other.events = 1
+    backend.commit(Batch(progress=[(7, 1, None, other.id)], progress_records=[other]))
+    got = backend.get(other.id)
+    assert got is not None and (got["bytes"], got["events"], got["path"]) == (7, 1, "/")
+    backend.close()
+
+
+async def test_writer_sends_progress_only_rows_unless_a_field_changed(tmp_path: Path) -> None:
+    """Appends alone make a progress row; a ``touch`` (any other field changed) makes the
+    next flush write the whole row, also when that flush failed and was retried."""
+    backend, writer = await _sqlite_writer(tmp_path, flush_interval_ms=5)
+    batches: list[Batch] = []
+    take = writer._take_batch
+    fail = [False]
+    during: Any = None
+
+    def recording_take() -> tuple[Batch, list[Any]]:
+        batch, entries = take()
+        batches.append(batch)
+        return batch, entries
+
+    real_commit = backend.commit
+
+    def commit(batch: Batch) -> None:
+        if fail[0]:
+            fail[0] = False
+            if during is not None:  # a field changes while this (failing) flush is in flight
+                trio.from_thread.run_sync(during)
+            raise JournalError("injected")
+        real_commit(batch)
+
+    def inline(batch: Batch) -> bool:
+        return False  # every flush through commit()
+
+    writer._take_batch = recording_take  # type: ignore[method-assign]
+    backend.commit = commit
+    backend.try_commit_inline = inline
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(10):
+            rec = _rec()
+            await writer.commit(rec)  # created: a whole row
+            batches.clear()
+            writer.append(rec, b"data: 1\n\n")
+            rec.bytes, rec.events, rec.last_event_id = 9, 1, "1"
+            await writer.commit(_rec())  # a flush (with another record's creation)
+            mine = [b for b in batches if any(p[3] == rec.id for p in b.progress)]
+            assert mine and not any(r["id"] == rec.id for b in batches for r in b.rows)
+            row = await writer.get(rec.id)
+            assert row is not None and (row["bytes"], row["events"], row["last_event_id"]) \
+                == (9, 1, "1")
+            batches.clear()
+            rec.client_gone_at = 12.5
+            writer.touch(rec)
+            writer.append(rec, b"data: 2\n\n")
+            rec.bytes, rec.events = 18, 2
+            fail[0] = True  # the first flush fails: its entries go back, still "whole row"
+            while writer.failures == 0 or writer.degraded:
+                await trio.sleep(0.01)
+            rows = [r for b in batches for r in b.rows if r["id"] == rec.id]
+            assert len(rows) >= 2  # the failed flush's and the retry's, both whole rows
+            row = await writer.get(rec.id)
+            assert row is not None and row["client_gone_at"] == 12.5 and row["bytes"] == 18
+            # A progress-only flush fails while a touch arrives: the retry writes it whole.
+            other = _rec()
+            await writer.commit(other)
+
+            def gone() -> None:
+                other.client_gone_at = 13.5
+                writer.touch(other)
+
+            during = gone
+            writer.append(other, b"data: 1\n\n")
+            other.bytes, other.events = 9, 1
+            fail[0] = True
+            failures = writer.failures
+            while writer.failures == failures or writer.degraded:
+                await trio.sleep(0.01)
+            row = await writer.get(other.id)
+            assert row is not None and row["client_gone_at"] == 13.5 and row["bytes"] == 9
+        nursery.cancel_scope.cancel()
+    backend.close()

@@ -88,7 +88,7 @@ async def _trio_tasks(socks: list[socket.socket]) -> int:
                 data = b""
             if not data:
                 return
-            count += 1
+            count += len(data) // len(MESSAGE)  # (two may come in one read)
             s.send(data)
 
     async with trio.open_nursery() as nursery:
@@ -117,7 +117,7 @@ async def _trio_poller(socks: list[socket.socket]) -> int:
                 ep.unregister(fd)
                 del by_fd[fd]
                 continue
-            count += 1
+            count += len(data) // len(MESSAGE)  # (two may come in one read)
             s.send(data)
     ep.close()
     return count
@@ -132,7 +132,7 @@ def _asyncio(socks: list[socket.socket]) -> int:
 
         def data_received(self, data: bytes) -> None:
             nonlocal count
-            count += 1
+            count += len(data) // len(MESSAGE)
             self.transport.write(data)  # type: ignore[attr-defined]
 
         def connection_lost(self, exc: Exception | None) -> None:

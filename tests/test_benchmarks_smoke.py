@@ -27,3 +27,19 @@ def test_benchmark_smoke_run_forwards_every_event() -> None:
     for scenario in ("bulk", "paced", "idle", "ttfb", "drain"):
         assert f"  {scenario} " in proc.stdout
     assert "added latency over direct, paced" in proc.stdout
+
+
+def test_wakeup_floor_runs_every_mode() -> None:
+    """``benchmarks/wakeup_floor.py`` (the floor behind the upstream poller) on tiny counts:
+    each way of waiting reads the writer's messages and reports a figure."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "wakeup_floor.py"), "--sockets", "4",
+         "--rate", "20", "--seconds", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"trio-tasks", "trio-poller", "asyncio"}
+    for count, per in rows.values():
+        assert 0 < int(count) <= 4 * 20 * 0.5 + 4  # what the writer sent, at most
+        assert float(per) > 0

@@ -24,7 +24,7 @@ import logging
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -157,6 +157,17 @@ class _ReadBody:
 class LiveStream:
     """One stream's state while it runs. Only its own task (``run``) mutates the buffer."""
 
+    # Slots: an open stream is mostly waiting, and every byte of it counts (idle RSS per open
+    # stream is an issue-8 figure); a dict of this many attributes costs about 1 KiB more.
+    __slots__ = (
+        "_armed", "_causes", "_chunks", "_done_event", "_finish_deadline", "_fixed_deadline",
+        "_head", "_idle", "_parked", "_poll_body", "_poll_error", "_poll_state",
+        "_poll_task", "_ready_event", "_reason", "_slack", "_starts", "_subs", "_waiter",
+        "base", "end", "ended", "error_status", "finished", "is_sse", "parser", "ready",
+        "record", "request_body", "request_headers", "response_headers", "route", "scope",
+        "supervisor", "upstream_status", "url",
+    )
+
     def __init__(
         self,
         supervisor: Supervisor,
@@ -203,7 +214,7 @@ class LiveStream:
         self._slack = 0.0
         self._armed = 0.0
         self._poll_body: _Body | None = None
-        self._poll_event: trio.Event | None = None
+        self._poll_task: trio.lowlevel.Task | None = None  # parked in _relay_polled
         self._poll_state = _POLL_WAIT
         self._poll_error: Exception | None = None
 
@@ -465,14 +476,16 @@ class LiveStream:
                 self.on_readable()  # the body bytes read with the head
             while True:
                 if self._poll_state == _POLL_WAIT:
-                    event = self._poll_event = trio.Event()
                     if not poller.add(fd, self):
                         return False
+                    # Parked without an Event (no object per wait): _end_poll reschedules
+                    # this task; a cancellation (the scope's deadline, stop()) aborts the park.
+                    self._poll_task = trio.lowlevel.current_task()
                     try:
-                        await event.wait()
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_poll)
                     finally:
                         poller.discard(fd)
-                        self._poll_event = None
+                        self._poll_task = None
                 state, self._poll_state = self._poll_state, _POLL_WAIT
                 if state == _POLL_DONE:
                     exc, self._poll_error = self._poll_error, None
@@ -492,13 +505,18 @@ class LiveStream:
             self._poll_body = None
             self._poll_error = None
 
+    def _abort_poll(self, _: Any) -> trio.lowlevel.Abort:
+        self._poll_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     def _end_poll(self, state: int) -> None:
         self._poll_state = state
         body = self._poll_body
         if body is not None:
             self.supervisor.poller.discard(body.fd)  # type: ignore[union-attr]
-        if self._poll_event is not None:
-            self._poll_event.set()
+        task, self._poll_task = self._poll_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def on_readable(self) -> None:
         """The poller's call (``keepstream._poller.PollTarget``): one read of the body,

@@ -3,19 +3,20 @@ costs no scheduler step of its own.
 
 Why: in a paced or idle stream almost every upstream read follows a wait. Through trio each
 wait is a task step: the task is rescheduled, resumes through its coroutine frames and cancel
-scopes, reads, and re-arms its (one-shot) registration in trio's epoll. That step, not the
-read, is most of a small event's cost: on this project's 2-core machine, 200 sockets at 50
-events/s, a task per socket costs 36-40 us of CPU per event and one task reading the sockets
-that a level-triggered epoll of its own reports ready costs 24-27 us
-(``benchmarks/wakeup_floor.py``; asyncio's protocol callbacks: 53).
+scopes, reads, and re-arms its (one-shot) registration in trio's epoll: a cost paid per event
+on top of the read itself. ``benchmarks/wakeup_floor.py`` (200 sockets at 50
+messages/s, no HTTP, no journal, this project's 2-core machine, 2026-12-04): a task per socket
+costs 26.6-30.5 us of CPU per message, one task reading the sockets that a level-triggered
+epoll of its own reports ready 22.1-23.9 us. In keepstream's paced benchmark the poller took a
+paced event from 65.9 to 57.6 us (docs/performance.md).
 
 How: a stream whose body can be read without waiting (``keepstream._transport._Body.
-read_nowait``) registers its socket here and waits on an Event; the poller task waits for its
-epoll's own descriptor through trio, then, without yielding, calls each ready stream's
-``on_readable()``, which reads, relays and journals what arrived. The stream task wakes only
-when it has to act: the body ended or failed, the journal wants it to wait for room, or its
-scope was cancelled. Everything that can fail in a handler is caught there and re-raised in the
-stream task, so the stream's error handling is unchanged.
+read_nowait``) registers its socket here and parks (no Event: ``wait_task_rescheduled``); the
+poller task waits for its epoll's own descriptor through trio, then, without yielding, calls
+each ready stream's ``on_readable()``, which reads, relays and journals what arrived. The
+stream task wakes only when it has to act: the body ended or failed, the journal wants it to
+wait for room, or its scope was cancelled. Everything that can fail in a handler is caught
+there and re-raised in the stream task, so the stream's error handling is unchanged.
 
 Level-triggered: a socket stays registered for its stream's whole wait (no system call per
 event to re-arm it), and one that is still readable after its handler (a read that filled the

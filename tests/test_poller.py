@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from keepstream import Config, JournalConfig, Route, ServerConfig, open_proxy
+from keepstream import Config, ConfigError, JournalConfig, Route, ServerConfig, open_proxy
 from keepstream._poller import MAX_EVENTS, UpstreamPoller
 from keepstream._state import Ending
 from keepstream._transport import RAW_BODY, FastTransport, _Body
@@ -287,10 +287,10 @@ class Upstream:
                 return  # keepstream closed it first
 
 
-def _config(port: int, journal_url: str, **route_kw: Any) -> Config:
+def _config(port: int, journal_url: str, poller: bool = True, **route_kw: Any) -> Config:
     return Config(
         routes=(Route(prefix="/", upstream=f"http://127.0.0.1:{port}", **route_kw),),
-        server=ServerConfig(drain_timeout=1.0, stop_grace=10.0),
+        server=ServerConfig(drain_timeout=1.0, stop_grace=10.0, upstream_poller=poller),
         journal=JournalConfig(url=journal_url, flush_interval_ms=5),
     )
 
@@ -325,22 +325,27 @@ async def _events(n: int) -> AsyncIterator[bytes]:
         yield b"id: %d\ndata: event %d\n\n" % (i, i)
 
 
+@pytest.mark.parametrize("poller", [True, False])
 async def test_paced_events_cost_the_stream_task_no_step(
-    nursery: trio.Nursery, journal_url: str
+    nursery: trio.Nursery, journal_url: str, poller: bool
 ) -> None:
+    """With the poller, twenty paced events take no step of the stream task; with
+    ``server.upstream_poller = false`` the stream task reads each itself (a step per event).
+    The record is the same either way."""
     upstream = Upstream()
     server = await start(nursery, upstream.handler)
     sent = b""
     with trio.fail_after(10):
-        async with open_proxy(_config(server.port, journal_url)) as proxy:
+        async with open_proxy(_config(server.port, journal_url, poller)) as proxy:
             sup = proxy.supervisor
-            assert sup.poller is not None
+            assert (sup.poller is not None) is poller
             async with proxy.open_stream("GET", "/events") as handle:
                 await upstream.send.send(b"id: first\ndata: hello\n\n")
                 sent += b"id: first\ndata: hello\n\n"
                 first = await handle.__anext__()
                 assert first == sent
-                await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
+                if poller:
+                    await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
                 stream = sup.live[handle.id]
                 counter = StepCounter(f"keepstream stream {handle.id}")
                 trio.lowlevel.add_instrument(counter)
@@ -354,7 +359,10 @@ async def test_paced_events_cost_the_stream_task_no_step(
                     trio.lowlevel.remove_instrument(counter)
                 # Twenty events read, relayed and counted by the poller: the stream task
                 # itself never ran (through trio it takes a step per event).
-                assert counter.steps == 0
+                if poller:
+                    assert counter.steps == 0
+                else:
+                    assert counter.steps >= 20
                 assert stream.record.events == 21
                 assert stream.record.last_event_id == "19"
                 await upstream.send.send(None)
@@ -362,7 +370,7 @@ async def test_paced_events_cost_the_stream_task_no_step(
                 async for piece in handle:
                     body += piece
                 assert await handle.wait_finished() == "completed"
-            assert len(sup.poller) == 0
+            assert not poller or len(sup.poller) == 0  # type: ignore[arg-type]
             row = await sup.writer.get(handle.id)
             data = await sup.writer.read_body(handle.id)
     assert row is not None and row["status"] == "completed" and row["bytes"] == len(sent)
@@ -586,3 +594,11 @@ async def test_the_last_read_over_the_journal_backlog_still_ends_the_stream(
                 monkeypatch.undo()
             data = await sup.writer.read_body(handle.id)
     assert data == b"data: 1\n\n" and waits == 1
+
+
+def test_upstream_poller_key_is_a_boolean() -> None:
+    assert Config().server.upstream_poller is True
+    cfg = Config.from_mapping({"server": {"upstream_poller": False}})
+    assert cfg.server.upstream_poller is False
+    with pytest.raises(ConfigError, match=r"server\.upstream_poller.*must be true or false"):
+        Config.from_mapping({"server": {"upstream_poller": 1}}).validate()

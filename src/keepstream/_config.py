@@ -68,6 +68,9 @@ class ServerConfig:
     credential_header: str = "authorization"
     admin_token_sha256: str = ""  # hex SHA-256 of the admin credential; "" = no admin
     engine: str = "hypercorn"  # HTTP/1.1 server of `keepstream serve`: "hypercorn" or "lean"
+    #: Waiting streams' upstream sockets are read by one poller task (``keepstream._poller``);
+    #: False: each stream task reads its own through trio (the same records, more CPU).
+    upstream_poller: bool = True
 
 
 #: HTTP servers ``keepstream serve`` can run (``server.engine``; docs/configuration.md).

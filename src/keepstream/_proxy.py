@@ -258,7 +258,7 @@ async def open_proxy(
                                  name="keepstream journal writer")
                 # The poller runs shielded as the writer does, so a cancelled ``open_proxy``
                 # still reads the upstreams of the streams its drain lets finish.
-                poller = UpstreamPoller.create()
+                poller = UpstreamPoller.create() if config.server.upstream_poller else None
                 poller_scope = trio.CancelScope(shield=True)
                 if poller is not None:
                     await root.start(_run_in_scope, poller.run, poller_scope,

@@ -73,6 +73,21 @@ def _writer(socks: list[socket.socket], rate: float, seconds: float) -> None:
     os._exit(0)
 
 
+def _echo(s: socket.socket) -> int | None:
+    """Read what ``s`` holds and write it back: messages echoed (0: nothing was waiting), or
+    None at EOF (or a reset: the writer exited with echoes unread)."""
+    try:
+        data = s.recv(65536)
+    except BlockingIOError:
+        return 0
+    except ConnectionResetError:
+        return None
+    if not data:
+        return None
+    s.send(data)
+    return len(data) // len(MESSAGE)  # (two may come in one read)
+
+
 async def _trio_tasks(socks: list[socket.socket]) -> int:
     count = 0
 
@@ -80,16 +95,10 @@ async def _trio_tasks(socks: list[socket.socket]) -> int:
         nonlocal count
         while True:
             await trio.lowlevel.wait_readable(s)
-            try:
-                data = s.recv(65536)
-            except BlockingIOError:
-                continue
-            except ConnectionResetError:  # the writer exited with echoes unread
-                data = b""
-            if not data:
+            n = _echo(s)
+            if n is None:
                 return
-            count += len(data) // len(MESSAGE)  # (two may come in one read)
-            s.send(data)
+            count += n
 
     async with trio.open_nursery() as nursery:
         for s in socks:
@@ -106,19 +115,12 @@ async def _trio_poller(socks: list[socket.socket]) -> int:
     while by_fd:
         await trio.lowlevel.wait_readable(ep.fileno())
         for fd, _ in ep.poll(0, 128):
-            s = by_fd[fd]
-            try:
-                data = s.recv(65536)
-            except BlockingIOError:
-                continue
-            except ConnectionResetError:  # the writer exited with echoes unread
-                data = b""
-            if not data:
+            n = _echo(by_fd[fd])
+            if n is None:
                 ep.unregister(fd)
                 del by_fd[fd]
                 continue
-            count += len(data) // len(MESSAGE)  # (two may come in one read)
-            s.send(data)
+            count += n
     ep.close()
     return count
 

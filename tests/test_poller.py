@@ -501,21 +501,27 @@ async def test_stream_goes_on_through_trio_when_the_poller_stops(
     assert data == b"".join(b"data: %d\n\n" % i for i in range(4))
 
 
+def _scripted(first: bytes, go: trio.Event, then: bytes) -> Any:
+    """A chunked SSE upstream: its head and ``first`` at once, ``then`` once ``go`` is set."""
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n" + first)
+        await go.wait()
+        await stream.send_all(then)
+        await stream.receive_some(1)
+
+    return handler
+
+
 async def test_framing_error_keeps_the_bytes_before_it_in_the_record(
     nursery: trio.Nursery, journal_url: str
 ) -> None:
     """One read holds a whole event and then broken framing: the event is relayed and
     journalled, and the stream ends ``upstream_error``."""
-    async def handler(stream: trio.SocketStream, n: int) -> None:
-        await read_request(stream)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                              b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 0\n\n\r\n")
-        await go.wait()
-        await stream.send_all(b"9\r\ndata: 1\n\n\r\nzz\r\n")
-        await stream.receive_some(1)
-
     go = trio.Event()
-    server = await start(nursery, handler)
+    server = await start(nursery, _scripted(b"9\r\ndata: 0\n\n\r\n", go,
+                                            b"9\r\ndata: 1\n\n\r\nzz\r\n"))
     with trio.fail_after(10):
         async with open_proxy(_config(server.port, journal_url)) as proxy:
             sup = proxy.supervisor
@@ -564,16 +570,8 @@ async def test_the_last_read_over_the_journal_backlog_still_ends_the_stream(
 ) -> None:
     """One read brings an event and the end of the body while the journal is over its
     backlog: the stream waits for room, then ends (it does not wait for more)."""
-    async def handler(stream: trio.SocketStream, n: int) -> None:
-        await read_request(stream)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                              b"Transfer-Encoding: chunked\r\n\r\n")
-        await go.wait()
-        await stream.send_all(b"9\r\ndata: 1\n\n\r\n0\r\n\r\n")
-        await stream.receive_some(1)
-
     go = trio.Event()
-    server = await start(nursery, handler)
+    server = await start(nursery, _scripted(b"", go, b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"))
     waits = 0
 
     async def wait_room() -> None:

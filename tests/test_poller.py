@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,7 +24,9 @@ import trio.lowlevel
 
 from keepstream import Config, ConfigError, JournalConfig, Route, ServerConfig, open_proxy
 from keepstream._poller import MAX_EVENTS, UpstreamPoller
+from keepstream._proxy import StreamHandle
 from keepstream._state import Ending
+from keepstream._supervisor import LiveStream, Supervisor
 from keepstream._transport import RAW_BODY, FastTransport, _Body
 
 from .test_transport import read_request, start
@@ -220,22 +224,31 @@ async def test_read_nowait_then_async_for_gives_the_exact_body(
         await client.aclose()
 
 
+async def _read_nowait_to_error(
+    nursery: trio.Nursery, wire: bytes, match: str
+) -> tuple[bytes, bytes]:
+    """Read a ``wire`` response with ``read_nowait`` until the error ``match`` names; return
+    what was read and the body's ``partial`` bytes (framed but not yet handed out)."""
+    hold = trio.Event()
+    hold.set()
+    client, resp, body = await _open_body(nursery, wire, hold)
+    got = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError, match=match):
+        await _read_nowait_until(body, 10**6, got)
+    await resp.aclose()
+    await client.aclose()
+    return bytes(got), body.partial
+
+
 @pytest.mark.parametrize("framing", ["chunked", "length"])
 async def test_read_nowait_body_cut_short(nursery: trio.Nursery, framing: str) -> None:
     if framing == "chunked":
         wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nwor"
     else:
         wire = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhellowor"
-    hold = trio.Event()
-    hold.set()
     with trio.fail_after(5):
-        client, resp, body = await _open_body(nursery, wire, hold)
-        got = bytearray()
-        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection"):
-            await _read_nowait_until(body, 10**6, got)
-        assert bytes(got) == b"hellowor"
-        await resp.aclose()
-        await client.aclose()
+        got = await _read_nowait_to_error(nursery, wire, "closed the connection")
+    assert got == (b"hellowor", b"")
 
 
 async def test_read_nowait_framing_error_keeps_the_bytes_before_it(
@@ -243,16 +256,9 @@ async def test_read_nowait_framing_error_keeps_the_bytes_before_it(
 ) -> None:
     wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"5\r\nhello\r\nzz\r\n")
-    hold = trio.Event()
-    hold.set()
     with trio.fail_after(5):
-        client, resp, body = await _open_body(nursery, wire, hold)
-        got = bytearray()
-        with pytest.raises(httpx.RemoteProtocolError, match="malformed chunk size"):
-            await _read_nowait_until(body, 10**6, got)
-        assert bytes(got) + body.partial == b"hello"
-        await resp.aclose()
-        await client.aclose()
+        got, partial = await _read_nowait_to_error(nursery, wire, "malformed chunk size")
+    assert got + partial == b"hello"
 
 
 # -- whole streams -----------------------------------------------------------------------------
@@ -318,6 +324,31 @@ class FirstStep(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name == self.name and self.value is None:
             self.value = self.probe()
+
+
+@dataclass
+class Polled:
+    upstream: Upstream
+    sup: Supervisor
+    handle: StreamHandle
+    stream: LiveStream
+
+
+@asynccontextmanager
+async def _polled_stream(
+    nursery: trio.Nursery, journal_url: str, first: bytes = b"data: 0\n\n"
+) -> AsyncIterator[Polled]:
+    """A proxy with one open stream whose ``first`` event came in through the poller."""
+    upstream = Upstream()
+    server = await start(nursery, upstream.handler)
+    async with open_proxy(_config(server.port, journal_url)) as proxy:
+        sup = proxy.supervisor
+        async with proxy.open_stream("GET", "/events") as handle:
+            await upstream.send.send(first)
+            await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
+            stream = sup.live[handle.id]
+            await _until(lambda: stream.end == len(first))
+            yield Polled(upstream, sup, handle, stream)
 
 
 async def _events(n: int) -> AsyncIterator[bytes]:
@@ -403,24 +434,16 @@ async def test_idle_deadline_ends_a_polled_stream(
 async def test_cancel_ends_a_polled_stream_at_once(
     nursery: trio.Nursery, journal_url: str
 ) -> None:
-    upstream = Upstream()
-    server = await start(nursery, upstream.handler)
     with trio.fail_after(10):
-        async with open_proxy(_config(server.port, journal_url)) as proxy:
-            sup = proxy.supervisor
-            async with proxy.open_stream("GET", "/events") as handle:
-                await upstream.send.send(b"data: a\n\n")
-                await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
-                stream = sup.live[handle.id]
-                await _until(lambda: stream.end == len(b"data: a\n\n"))
-                stream.stop(Ending.CANCEL_REQUESTED, "cancel requested")
-                # Bytes that arrive after the stop are not read into the record.
-                await upstream.send.send(b"data: late\n\n")
-                assert await handle.wait_finished() == "cancelled"
-            row = await sup.writer.get(handle.id)
-            data = await sup.writer.read_body(handle.id)
-            assert len(sup.poller) == 0  # type: ignore[arg-type]
-            await upstream.closed.wait()
+        async with _polled_stream(nursery, journal_url, b"data: a\n\n") as p:
+            p.stream.stop(Ending.CANCEL_REQUESTED, "cancel requested")
+            # Bytes that arrive after the stop are not read into the record.
+            await p.upstream.send.send(b"data: late\n\n")
+            assert await p.handle.wait_finished() == "cancelled"
+            row = await p.sup.writer.get(p.handle.id)
+            data = await p.sup.writer.read_body(p.handle.id)
+            assert len(p.sup.poller) == 0  # type: ignore[arg-type]
+            await p.upstream.closed.wait()
     assert row is not None and row["status"] == "cancelled"
     assert data == b"data: a\n\n"
 
@@ -428,12 +451,9 @@ async def test_cancel_ends_a_polled_stream_at_once(
 async def test_journal_backlog_pauses_a_polled_stream(
     nursery: trio.Nursery, journal_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    upstream = Upstream()
-    server = await start(nursery, upstream.handler)
     with trio.fail_after(10):
-        async with open_proxy(_config(server.port, journal_url)) as proxy:
-            sup = proxy.supervisor
-            writer = sup.writer
+        async with _polled_stream(nursery, journal_url) as p:
+            sup, stream, writer = p.sup, p.stream, p.sup.writer
             full = trio.Event()
             waits = 0
             real_over, real_wait = writer.over_backlog, writer.wait_room
@@ -447,32 +467,27 @@ async def test_journal_backlog_pauses_a_polled_stream(
                 await full.wait()
                 await real_wait()
 
-            async with proxy.open_stream("GET", "/events") as handle:
-                await upstream.send.send(b"data: 0\n\n")
-                await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
-                stream = sup.live[handle.id]
-                await _until(lambda: stream.end == len(b"data: 0\n\n"))
-                monkeypatch.setattr(writer, "over_backlog", over_backlog)
-                monkeypatch.setattr(writer, "wait_room", wait_room)
-                seen = FirstStep(f"keepstream stream {handle.id}", lambda: len(sup.poller))  # type: ignore[arg-type]
-                trio.lowlevel.add_instrument(seen)
-                await upstream.send.send(b"data: 1\n\n")
-                await _until(lambda: waits == 1)
-                trio.lowlevel.remove_instrument(seen)
-                # The poller task let go of the socket itself: by the time the stream task
-                # runs, nothing reads it (level-triggered, it would be read again meanwhile).
-                assert seen.value == 0
-                # While the stream waits for room its socket is not watched: the next event
-                # stays in the kernel (TCP backpressure), not in keepstream's memory.
-                assert len(sup.poller) == 0  # type: ignore[arg-type]
-                await upstream.send.send(b"data: 2\n\n")
-                await trio.sleep(0.05)
-                assert stream.end == len(b"data: 0\n\ndata: 1\n\n")
-                full.set()
-                await _until(lambda: stream.end == 3 * len(b"data: 0\n\n"))
-                await upstream.send.send(None)
-                assert await handle.wait_finished() == "completed"
-            data = await writer.read_body(handle.id)
+            monkeypatch.setattr(writer, "over_backlog", over_backlog)
+            monkeypatch.setattr(writer, "wait_room", wait_room)
+            seen = FirstStep(f"keepstream stream {p.handle.id}", lambda: len(sup.poller))  # type: ignore[arg-type]
+            trio.lowlevel.add_instrument(seen)
+            await p.upstream.send.send(b"data: 1\n\n")
+            await _until(lambda: waits == 1)
+            trio.lowlevel.remove_instrument(seen)
+            # The poller task let go of the socket itself: by the time the stream task
+            # runs, nothing reads it (level-triggered, it would be read again meanwhile).
+            assert seen.value == 0
+            # While the stream waits for room its socket is not watched: the next event
+            # stays in the kernel (TCP backpressure), not in keepstream's memory.
+            assert len(sup.poller) == 0  # type: ignore[arg-type]
+            await p.upstream.send.send(b"data: 2\n\n")
+            await trio.sleep(0.05)
+            assert stream.end == len(b"data: 0\n\ndata: 1\n\n")
+            full.set()
+            await _until(lambda: stream.end == 3 * len(b"data: 0\n\n"))
+            await p.upstream.send.send(None)
+            assert await p.handle.wait_finished() == "completed"
+            data = await writer.read_body(p.handle.id)
     assert data == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert waits == 1
 
@@ -480,24 +495,18 @@ async def test_journal_backlog_pauses_a_polled_stream(
 async def test_stream_goes_on_through_trio_when_the_poller_stops(
     nursery: trio.Nursery, journal_url: str
 ) -> None:
-    upstream = Upstream()
-    server = await start(nursery, upstream.handler)
     with trio.fail_after(10):
-        async with open_proxy(_config(server.port, journal_url)) as proxy:
-            sup = proxy.supervisor
-            assert sup.poller is not None
-            async with proxy.open_stream("GET", "/events") as handle:
-                await upstream.send.send(b"data: 0\n\n")
-                await _until(lambda: len(sup.poller) == 1)  # type: ignore[arg-type]
-                stream = sup.live[handle.id]
-                sup.poller.stop()
-                await _until(lambda: sup.poller.closed)  # type: ignore[union-attr]
-                for i in range(1, 4):
-                    await upstream.send.send(b"data: %d\n\n" % i)
-                await _until(lambda: stream.end == 4 * len(b"data: 0\n\n"))
-                await upstream.send.send(None)
-                assert await handle.wait_finished() == "completed"
-            data = await sup.writer.read_body(handle.id)
+        async with _polled_stream(nursery, journal_url) as p:
+            poller = p.sup.poller
+            assert poller is not None
+            poller.stop()
+            await _until(lambda: poller.closed)
+            for i in range(1, 4):
+                await p.upstream.send.send(b"data: %d\n\n" % i)
+            await _until(lambda: p.stream.end == 4 * len(b"data: 0\n\n"))
+            await p.upstream.send.send(None)
+            assert await p.handle.wait_finished() == "completed"
+            data = await p.sup.writer.read_body(p.handle.id)
     assert data == b"".join(b"data: %d\n\n" % i for i in range(4))
 
 

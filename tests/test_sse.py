@@ -641,3 +641,45 @@ def test_property_count_mode_on_data_only_streams(stream: bytes, cuts: list[int]
     named like data) sends a chunk back to the line loop. Same results as feed() either way."""
     caps = {"max_line_bytes": 24, "max_event_bytes": 40} if small else {}
     _count_vs_feed(split_at(stream, cuts), **caps)
+
+
+_ONE_EVENT = _DATA_LINE.map(lambda line: line + b"\n\n")
+_OTHER_READ = st.one_of(
+    st.sampled_from([b"\xef\xbb\xbf", b"\xef\xbb", b"data: half", b"id: 9\n", b"id: 10\ndata: x\n",
+                     b"\r", b"\n", b"\r\n", b": ping\n\n", b"data: a\r\n\r\n", b"data: a\n",
+                     b"\ndata: b\n\n", b"data: c\n\ndata: d\n\n", b"event: e\ndata: f\n\n",
+                     b"data: g\nid: 5\n\n", b"data: h\rid: 6\n\n", b"data: 1234567\n"]),
+    st.binary(max_size=20),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(reads=st.lists(st.one_of(_ONE_EVENT, _ONE_EVENT, _OTHER_READ), max_size=30),
+       small=st.booleans())
+def test_property_count_mode_one_event_per_read(reads: list[bytes], small: bool) -> None:
+    """Each read one whole ``data:`` event (count()'s shortest path, the paced stream's
+    usual read), among reads that leave state behind for the next one: a BOM or part of it, a
+    partial line, a CR whose LF may follow, an id, a data line of an event in progress, caps
+    within reach. Same results as feed() after every read."""
+    caps = {"max_line_bytes": 12, "max_event_bytes": 20} if small else {}
+    _count_vs_feed(reads, **caps)
+
+
+def test_count_mode_one_event_reads_keep_the_resume_point() -> None:
+    parser = SSEParser()
+    assert parser.count(b"id: 1\n") == 0
+    assert parser.count(b"data: one\n\n") == 1
+    assert (parser.events, parser.dispatched_id, parser.boundary) == (1, "1", 17)
+    assert parser.count(b"data: two\n") == 0  # an event in progress...
+    assert parser.count(b"data: more\n\n") == 1  # ...that this read ends: one event
+    assert (parser.events, parser.dispatched_id, parser.offset) == (2, "1", 39)
+    assert parser.buffered == 0
+
+
+def test_count_mode_one_event_read_over_the_event_cap() -> None:
+    """A short read that would end the event in progress past ``max_event_bytes``: the cap
+    applies (overflow, as feed() does), even though the read alone is well within it."""
+    _count_vs_feed([b"data: 12345\n", b"data: 1234\n\n"], max_line_bytes=12, max_event_bytes=8)
+    parser = SSEParser(max_line_bytes=12, max_event_bytes=8)
+    parser.count(b"data: 12345\n")
+    assert parser.count(b"data: 1234\n\n") == 0 and parser.overflowed

@@ -171,6 +171,26 @@ class SSEParser:
         events themselves. Use one mode per parser: ``count`` keeps no data values, so a
         ``feed`` after a ``count`` would dispatch the block in progress without them.
         """
+        # One whole ``data:`` event on a fresh line (the usual read of a paced stream): its
+        # only LFs are the last two, so it is one data line and the blank line that dispatches
+        # it. Nothing held back (no partial line, BOM or CR to look at), no cap within reach.
+        if (
+            data.endswith(b"\n\n")
+            and data.startswith(b"data:")
+            and data.count(b"\n") == 2
+            and b"\r" not in data
+            and not self._buf
+            and not (self._skip_lf or self._bom_pending or self._overflowed or self._closed)
+            and len(data) <= self._max_line
+            and len(data) + self._data_bytes <= self._max_event
+        ):
+            self._offset = self.boundary = self._offset + len(data)
+            self.events += 1
+            self.dispatched_id = self.last_id
+            if self._data:
+                self._data = []
+            self._data_bytes = 0
+            return 1
         prepared = self._prepare(data)
         if prepared is None:
             return 0

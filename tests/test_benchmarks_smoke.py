@@ -43,3 +43,20 @@ def test_wakeup_floor_runs_every_mode() -> None:
     for count, per in rows.values():
         assert 0 < int(count) <= 4 * 20 * 0.5 + 4  # what the writer sent, at most
         assert float(per) > 0
+
+
+def test_journal_floor_runs_every_mode() -> None:
+    """``benchmarks/journal_floor.py`` (the journal's share of a paced event) on tiny counts:
+    every mode writes every event (the script checks each body and row and exits non-zero
+    otherwise) and reports a figure."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "journal_floor.py"), "--streams", "10",
+         "--flushes", "30", "--fold", "7", "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"keepstream", "no-progress", "tail-sketch"}
+    for events, per_event, per_flush, _checkpoints, _ratio in rows.values():
+        assert int(events) == 10 * 30 * 2.5
+        assert float(per_event) > 0 and float(per_flush) > float(per_event)

@@ -3,18 +3,21 @@
 The paced scenario's journal share (``keepstream-lean`` minus ``keepstream-lean-none``, 5-9 us
 per event on the reference machine) is this loop: every ``flush_interval_ms`` each open
 stream has a few events pending; one transaction appends each stream's bytes as a chunk row
-and updates its progress (``bytes``, ``events``, ``last_event_id``); every 4 MiB of WAL a
-checkpoint. Here the same loop runs on the real ``JournalWriter`` bookkeeping and the real
-``SQLiteBackend`` in one thread, with no event loop, so what is left is the journal's own
-floor. Modes (each on a fresh database file in a temporary directory):
+that carries its progress (``events``, ``last_event_id``; ``bytes`` is the chunk's end);
+every 4 MiB of estimated WAL a checkpoint. Here the same loop runs on the real
+``JournalWriter`` bookkeeping and the real ``SQLiteBackend`` in one thread, with no event
+loop, so what is left is the journal's own floor. Modes (each on a fresh database file in a
+temporary directory):
 
 * ``keepstream``: the real path: ``append`` per event, ``_take_batch``, ``commit``, and the
   backend's own checkpoints (``wants_checkpoint``/``checkpoint``);
-* ``no-progress``: the same batches without their progress rows (what the row updates cost);
+* ``progress-rows``: the layout before 2026-12-07: the same chunk rows, and each stream's
+  progress also updated in its ``streams`` row on every flush (one UPDATE per stream-flush, and
+  a page per row in the WAL estimate), what the chunk-row progress saves;
 * ``tail-sketch``: not keepstream: a log-structured layout kept here as the measured bound of
   a redesign: each flush's pieces go to an unindexed table, and every ``--fold`` flushes they
-  are moved, one row per stream, to the indexed chunk table; its WAL estimate (and so its
-  checkpoints) counts as the backend's does.
+  are moved, one row per stream, to the indexed chunk table, with progress rows as in
+  ``progress-rows``; its WAL estimate (and so its checkpoints) counts as that mode's.
 
 The figure is this process's CPU (``time.process_time``) per event and per stream-flush (one
 stream's rows in one flush), the median of ``--repeat`` runs, modes interleaved.
@@ -33,11 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keepstream._config import JournalConfig
-from keepstream._journal import Batch, JournalWriter, SQLiteBackend
+from keepstream._journal import _INSERT_CHUNK, Batch, JournalWriter, SQLiteBackend
 from keepstream._record import Record, new_instance_id, new_stream_id
 
-MODES = ("keepstream", "no-progress", "tail-sketch")
+MODES = ("keepstream", "progress-rows", "tail-sketch")
 EVENT = b"data: " + b"x" * 92 + b"\n\n"  # 100 bytes, as the paced scenario's
+_PROGRESS_ROW = "UPDATE streams SET bytes = ?, events = ?, last_event_id = ? WHERE id = ?"
 
 
 def _open(path: Path, n: int) -> tuple[SQLiteBackend, JournalWriter, list[Record]]:
@@ -69,8 +73,8 @@ def _schedule(streams: int, per_flush: float, flushes: int) -> list[list[int]]:
 
 
 def _check(backend: SQLiteBackend, records: list[Record], mode: str) -> None:
-    """What was timed wrote every event: each body whole, each row's progress (not in
-    ``no-progress``) what the stream counted. Raises ``SystemExit`` if not."""
+    """What was timed wrote every event: each body whole, each record's progress (as
+    ``SQLiteBackend.get`` reads it) what the stream counted. Raises ``SystemExit`` if not."""
     conn = backend._writer
     for rec in records:
         want = EVENT * rec.events
@@ -83,8 +87,7 @@ def _check(backend: SQLiteBackend, records: list[Record], mode: str) -> None:
             body = backend.read_body(rec.id)
         row = backend.get(rec.id)
         progress = None if row is None else (row["bytes"], row["events"], row["last_event_id"])
-        if body != want or (mode != "no-progress" and
-                            progress != (len(want), rec.events, rec.last_event_id)):
+        if body != want or progress != (len(want), rec.events, rec.last_event_id):
             raise SystemExit(f"{mode}: stream {rec.id}: journal holds {len(body)} bytes "
                              f"(progress {progress}), the stream sent {len(want)}")
 
@@ -119,23 +122,30 @@ def run(mode: str, streams: int, per_flush: float, flushes: int, fold: int,
             events += len(due)
             touched += len(set(due))
             batch, entries = writer._take_batch()
-            if mode == "no-progress":
-                batch.progress, batch.progress_records = [], []
-            if mode == "tail-sketch":
+            progress = [(o + len(d), ev, last, sid) for sid, o, d, ev, last in batch.chunks]
+            if mode == "progress-rows":
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT INTO tail VALUES (?, ?, ?)", batch.chunks)
-                conn.executemany("UPDATE streams SET bytes = ?, events = ?, last_event_id = ?"
-                                 " WHERE id = ?", batch.progress)
+                conn.executemany(_INSERT_CHUNK, batch.chunks)
+                conn.executemany(_PROGRESS_ROW, progress)
+                conn.execute("COMMIT")
+                backend._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
+                    4096 * len(progress)  # that layout's estimate: a page per progress row
+            elif mode == "tail-sketch":
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO tail VALUES (?, ?, ?)",
+                                 [c[:3] for c in batch.chunks])
+                conn.executemany(_PROGRESS_ROW, progress)
                 if k % fold == fold - 1:
                     runs: dict[str, tuple[int, list[bytes]]] = {}
                     for sid, offset, data in conn.execute("SELECT * FROM tail ORDER BY rowid"):
                         runs.setdefault(sid, (offset, []))[1].append(data)
-                    conn.executemany("INSERT INTO chunks VALUES (?, ?, ?)",
+                    conn.executemany("INSERT INTO chunks (stream_id, offset, data) "
+                                     "VALUES (?, ?, ?)",
                                      [(s, o, b"".join(d)) for s, (o, d) in runs.items()])
                     conn.execute("DELETE FROM tail")
                 conn.execute("COMMIT")
                 backend._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
-                    4096 * len(batch.progress)  # SQLiteBackend._write's estimate
+                    4096 * len(progress)  # as progress-rows
             else:
                 backend.commit(batch)
             writer._committed(entries)
@@ -170,7 +180,7 @@ def main() -> None:
     print(f"{args.streams} streams, {args.events_per_flush} events per stream-flush, "
           f"{args.flushes} flushes, {len(EVENT)}-byte events, median of {args.repeat}"
           + (", no checkpoints" if args.no_checkpoints else ""))
-    print(f"{'mode':<12} {'events':>8} {'us/event':>9} {'us/stream-flush':>16} "
+    print(f"{'mode':<13} {'events':>8} {'us/event':>9} {'us/stream-flush':>16} "
           f"{'checkpoints':>12} {'vs keepstream':>14}")
     for m in modes:
         rs = got[m]
@@ -179,7 +189,7 @@ def main() -> None:
         if m == "keepstream":
             base = per_event
         ratio = f"{per_event / base:.2f}x" if base else "-"
-        print(f"{m:<12} {rs[0].events:>8} {per_event:>9.2f} {per_sf:>16.2f} "
+        print(f"{m:<13} {rs[0].events:>8} {per_event:>9.2f} {per_sf:>16.2f} "
               f"{rs[0].checkpoints:>12} {ratio:>14}")
 
 

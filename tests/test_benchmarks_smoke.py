@@ -56,7 +56,7 @@ def test_journal_floor_runs_every_mode() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
-    assert set(rows) == {"keepstream", "no-progress", "tail-sketch"}
+    assert set(rows) == {"keepstream", "progress-rows", "tail-sketch"}
     for events, per_event, per_flush, _checkpoints, _ratio in rows.values():
         assert int(events) == 10 * 30 * 2.5
         assert float(per_event) > 0 and float(per_flush) > float(per_event)

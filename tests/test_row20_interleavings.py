@@ -339,7 +339,7 @@ class History:
         backend.commit = self.commit  # type: ignore[method-assign]
 
     def commit(self, batch: Batch) -> None:
-        for sid, _offset, data in batch.chunks:
+        for sid, _offset, data, _, _ in batch.chunks:
             if sid in self.first_terminal:
                 self.problems.append(f"{sid}: {len(data)} body bytes after its terminal row")
         self._commit(batch)

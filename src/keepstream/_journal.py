@@ -42,29 +42,25 @@ _COLUMNS = (
 )
 
 
+#: A piece of body: ``(id, offset, data, events, last_event_id)``, the last two being the
+#: stream's progress once ``data`` is in (``PROGRESS_COLUMNS`` with ``bytes`` = offset + len).
+Chunk = tuple[str, int, bytes, int, "str | None"]
+
+
 @dataclass(slots=True)
 class Batch:
-    """One transaction: record rows to upsert and body bytes to append."""
+    """One transaction: record rows to upsert and body bytes to append.
+
+    A stream whose only change since its row was stored is its progress has no row here: its
+    chunk carries the progress (``Chunk``), and a backend that stores bodies keeps it there
+    (SQLite: in the chunk row, read back by ``get``, ``list_records`` and ``recover``), so a
+    paced stream's flush writes one row, not two."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
-    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)  # (id, offset, data)
+    chunks: list[Chunk] = field(default_factory=list)
     #: Per row (when given): True if an earlier transaction of this process stored it, so a
     #: backend may update its changing columns instead of upserting the whole row.
     stored: list[bool] = field(default_factory=list)
-    #: Rows stored already whose only change is progress: ``(bytes, events, last_event_id,
-    #: id)`` (``PROGRESS_COLUMNS``). A backend that finds such a row gone writes it whole from
-    #: ``progress_records`` (same order; ``bytes`` from here).
-    progress: list[tuple[int, int, str | None, str]] = field(default_factory=list)
-    progress_records: list[Record] = field(default_factory=list)
-
-    def full_progress_rows(self) -> list[dict[str, Any]]:
-        """``progress`` as whole rows (for a backend that did not find them)."""
-        rows = []
-        for (nbytes, _, _, _), rec in zip(self.progress, self.progress_records, strict=True):
-            row = rec.row()
-            row["bytes"] = nbytes
-            rows.append(row)
-        return rows
 
 
 class Backend(Protocol):
@@ -111,22 +107,22 @@ class MemoryBackend:
         return n
 
     def commit(self, batch: Batch) -> None:
-        for sid, offset, data in batch.chunks:
+        for sid, offset, data, _, _ in batch.chunks:
             body = self.bodies.setdefault(sid, bytearray())
             if offset != len(body):
                 raise JournalError(f"non-contiguous append to {sid}: {offset} != {len(body)}")
             body += data
+        self._progress(batch)
         for row in batch.rows:
             self.rows[row["id"]] = dict(row)
-        self._progress(batch)
 
     def _progress(self, batch: Batch) -> None:
-        for (nbytes, events, last_id, sid), rec in zip(batch.progress, batch.progress_records,
-                                                      strict=True):
+        """Each chunk's progress into its row (a row gone since waits for its next whole
+        write: the stream's end at the latest)."""
+        for sid, offset, data, events, last_id in batch.chunks:
             row = self.rows.get(sid)
-            if row is None:
-                row = self.rows[sid] = rec.row()
-            row.update(bytes=nbytes, events=events, last_event_id=last_id)
+            if row is not None:
+                row.update(bytes=offset + len(data), events=events, last_event_id=last_id)
 
     #: No inline commits: the memory journal keeps the flush loop's path (the one SQLite takes
     #: when its database is locked), which the row-20 interleaving model explores.
@@ -177,12 +173,12 @@ class NoneBackend(MemoryBackend):
     stores_bodies = False
 
     def commit(self, batch: Batch) -> None:
+        self._progress(batch)
         for row in batch.rows:
             if row["status"] == "open":
                 self.rows[row["id"]] = dict(row)
             else:
                 self.rows.pop(row["id"], None)
-        self._progress(batch)  # (only open rows have progress-only changes)
 
 
 _SCHEMA = """
@@ -211,6 +207,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     stream_id TEXT NOT NULL,
     offset INTEGER NOT NULL,
     data BLOB NOT NULL,
+    events INTEGER,
+    last_event_id TEXT,
     PRIMARY KEY (stream_id, offset)
 );
 """
@@ -227,9 +225,18 @@ _MUTABLE = (
 _UPDATE = f"UPDATE streams SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
 
 #: What a flush changes in an open stream's row when nothing else happened to it: its progress.
-#: Updating only these (and no indexed column) costs about a third of ``_UPDATE``.
+#: The SQLite journal keeps it in the flush's chunk row (``chunks.events``,
+#: ``chunks.last_event_id``; ``bytes`` is the chunk's end), not in ``streams``: an open row's
+#: progress columns are as of its last whole write, and readers take the newer figures from
+#: its last chunk (``_LAST_CHUNK``). Updating 200 open rows on every flush of a paced load was
+#: half of the journal's cost (benchmarks/journal_floor.py).
 PROGRESS_COLUMNS = ("bytes", "events", "last_event_id")
-_PROGRESS = "UPDATE streams SET bytes = ?, events = ?, last_event_id = ? WHERE id = ?"
+_INSERT_CHUNK = ("INSERT INTO chunks (stream_id, offset, data, events, last_event_id) "
+                 "VALUES (?, ?, ?, ?, ?)")
+#: An open stream's progress as of its last chunk: ``(end, events, last_event_id)``; ``events``
+#: is NULL in a chunk written before the progress moved there (its row has the progress).
+_LAST_CHUNK = ("SELECT offset + length(data), events, last_event_id FROM chunks "
+               "WHERE stream_id = ? ORDER BY offset DESC LIMIT 1")
 
 _UPSERT = (
     f"INSERT INTO streams ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -294,6 +301,10 @@ class SQLiteBackend:
         cols = {r[1] for r in self._w.execute("PRAGMA table_info(streams)").fetchall()}
         if "owner" not in cols:  # journals written by keepstream 0.1 before resume existed
             self._w.execute("ALTER TABLE streams ADD COLUMN owner TEXT")
+        cols = {r[1] for r in self._w.execute("PRAGMA table_info(chunks)").fetchall()}
+        if "events" not in cols:  # journals written before the progress moved to the chunks
+            self._w.execute("ALTER TABLE chunks ADD COLUMN events INTEGER")
+            self._w.execute("ALTER TABLE chunks ADD COLUMN last_event_id TEXT")
         self._r = self._connect()
 
     @property
@@ -321,15 +332,57 @@ class SQLiteBackend:
             for owner in owners:
                 if owner_alive(owner):
                     continue
-                cur = self._writer.execute(
-                    "UPDATE streams SET status = 'orphaned', reason = 'found open at start-up', "
-                    "ended_at = ? WHERE status = 'open' AND instance = ?",
-                    (time.time(), owner),
-                )
+                conn = self._writer
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # The progress of its last durable chunk first (an open row's own is as
+                    # of its last whole write), so ``bytes`` matches the committed body.
+                    ids = [r[0] for r in conn.execute(
+                        "SELECT id FROM streams WHERE status = 'open' AND instance = ?",
+                        (owner,))]
+                    for sid in ids:
+                        self._settle_progress(conn, sid)
+                    cur = conn.execute(
+                        "UPDATE streams SET status = 'orphaned', "
+                        "reason = 'found open at start-up', ended_at = ? "
+                        "WHERE status = 'open' AND instance = ?",
+                        (time.time(), owner),
+                    )
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
                 n += cur.rowcount
             return n
         except sqlite3.Error as exc:
             raise JournalError(f"recovery failed: {exc}") from exc
+
+    @staticmethod
+    def _settle_progress(conn: sqlite3.Connection, sid: str) -> None:
+        """Write the progress of ``sid``'s last chunk into its row (in the caller's
+        transaction)."""
+        last = conn.execute(_LAST_CHUNK, (sid,)).fetchone()
+        if last is None:
+            return
+        end, events, last_id = last
+        if events is None:  # an older chunk: the row holds its progress; bytes to be sure
+            conn.execute("UPDATE streams SET bytes = ? WHERE id = ? AND bytes < ?",
+                         (end, sid, end))
+        else:
+            conn.execute("UPDATE streams SET bytes = ?, events = ?, last_event_id = ? "
+                         "WHERE id = ? AND bytes < ?", (end, events, last_id, sid, end))
+
+    @staticmethod
+    def _with_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+        """``row`` as a dict, an open one with the progress of its last chunk when newer."""
+        out = dict(row)
+        if out["status"] == "open":
+            last = conn.execute(_LAST_CHUNK, (out["id"],)).fetchone()
+            if last is not None and last[0] > out["bytes"]:
+                out["bytes"] = last[0]
+                if last[1] is not None:
+                    out["events"], out["last_event_id"] = last[1], last[2]
+        return out
 
     def commit(self, batch: Batch) -> None:
         conn = self._writer
@@ -376,22 +429,14 @@ class SQLiteBackend:
         try:
             try:
                 if batch.chunks:
-                    conn.executemany(
-                        "INSERT INTO chunks (stream_id, offset, data) VALUES (?, ?, ?)",
-                        batch.chunks,
-                    )
+                    conn.executemany(_INSERT_CHUNK, batch.chunks)
                 if batch.rows:
                     self._write_rows(conn, batch)
-                if batch.progress:
-                    cur = conn.executemany(_PROGRESS, batch.progress)
-                    if cur.rowcount != len(batch.progress):
-                        # A row gone since (deleted by hand): write those rows whole.
-                        conn.executemany(_UPSERT, [tuple(row[c] for c in _COLUMNS)
-                                                   for row in batch.full_progress_rows()])
                 conn.execute("COMMIT")
-                # What the WAL grew by, about: the body bytes and a page per row.
+                # What the WAL grew by, about: the body bytes and a page per row, and per
+                # chunk row (its index entry lands on its stream's page of the index).
                 self._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
-                    4096 * (len(batch.rows) + len(batch.progress))
+                    4096 * (len(batch.rows) + len(batch.chunks))
             except BaseException:
                 # A failed COMMIT (disk full, busy) leaves the transaction open: roll it back,
                 # or every later BEGIN fails and the journal never recovers.
@@ -422,13 +467,17 @@ class SQLiteBackend:
             conn.executemany(_UPSERT, [tuple(row[c] for c in _COLUMNS) for row in fresh])
 
     def get(self, stream_id: str) -> dict[str, Any] | None:
+        conn = self._reader
         try:
-            row = self._reader.execute(
-                "SELECT * FROM streams WHERE id = ?", (stream_id,)
-            ).fetchone()
+            # One read transaction, so the row and its last chunk are of the same commit.
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute("SELECT * FROM streams WHERE id = ?", (stream_id,)).fetchone()
+                return self._with_progress(conn, row) if row is not None else None
+            finally:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"journal read failed: {exc}") from exc
-        return dict(row) if row is not None else None
 
     def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         sql = "SELECT * FROM streams"
@@ -437,11 +486,16 @@ class SQLiteBackend:
             sql += " WHERE status = ?"
             args = (status,)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        conn = self._reader
         try:
-            rows = self._reader.execute(sql, (*args, limit)).fetchall()
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(sql, (*args, limit)).fetchall()
+                return [self._with_progress(conn, r) for r in rows]
+            finally:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"journal read failed: {exc}") from exc
-        return [dict(r) for r in rows]
 
     def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes:
         try:
@@ -465,9 +519,12 @@ class SQLiteBackend:
         bad = self._reader.execute(
             "SELECT s.id FROM streams s LEFT JOIN (SELECT stream_id, SUM(length(data)) n "
             "FROM chunks GROUP BY stream_id) c ON c.stream_id = s.id "
-            "WHERE s.bytes != COALESCE(c.n, 0)"
+            # An open row's progress is as of its last whole write: at most its chunks.
+            "WHERE s.bytes != COALESCE(c.n, 0) AND (s.status != 'open' OR s.bytes > "
+            "COALESCE(c.n, 0))"
         ).fetchall()
         problems += [f"stream {r[0]}: bytes column does not match its chunks" for r in bad]
+
         return problems
 
     def prune(self, before: float) -> int:
@@ -726,21 +783,21 @@ class JournalWriter:
         self._pending_bytes = 0
         self._dirty = False
         self._urgent = False
+        chunks = batch.chunks
         for entry in entries:
             rec = entry.record
             offset = entry.prev = rec.journaled
             if entry.chunks:
                 data = entry.chunks[0] if len(entry.chunks) == 1 else b"".join(entry.chunks)
-                batch.chunks.append((rec.id, offset, data))
+                chunks.append((rec.id, offset, data, rec.events, rec.last_event_id))
                 offset += len(data)
+            # A row stored already whose only change is progress is not written: its chunk
+            # carries the progress (``Batch``).
             if entry.full or not rec.stored:
                 row = rec.row()
                 row["bytes"] = offset
                 batch.rows.append(row)
                 batch.stored.append(rec.stored)
-            else:
-                batch.progress.append((offset, rec.events, rec.last_event_id, rec.id))
-                batch.progress_records.append(rec)
             rec.journaled = offset
         return batch, entries
 

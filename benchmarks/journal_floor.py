@@ -2,22 +2,22 @@
 
 The paced scenario's journal share (``keepstream-lean`` minus ``keepstream-lean-none``, 5-9 us
 per event on the reference machine) is this loop: every ``flush_interval_ms`` each open
-stream has a few events pending; one transaction appends each stream's bytes as a chunk row
-that carries its progress (``events``, ``last_event_id``; ``bytes`` is the chunk's end);
-every 4 MiB of estimated WAL a checkpoint. Here the same loop runs on the real
-``JournalWriter`` bookkeeping and the real ``SQLiteBackend`` in one thread, with no event
-loop, so what is left is the journal's own floor. Modes (each on a fresh database file in a
-temporary directory):
+stream has a few events pending; one transaction appends each stream's bytes as a row of the
+unindexed ``tail`` table that carries its progress (``events``, ``last_event_id``; ``bytes``
+is the row's end); every 4,096 tail rows (or 1 MiB) a fold moves them into the indexed
+``chunks`` table, one row per stream; every 4 MiB of estimated WAL a checkpoint. Here the
+same loop runs on the real ``JournalWriter`` bookkeeping and the real ``SQLiteBackend`` in
+one thread, with no event loop, so what is left is the journal's own floor. Modes (each on a
+fresh database file in a temporary directory):
 
 * ``keepstream``: the real path: ``append`` per event, ``_take_batch``, ``commit``, and the
-  backend's own checkpoints (``wants_checkpoint``/``checkpoint``);
-* ``progress-rows``: the layout before 2026-12-07: the same chunk rows, and each stream's
-  progress also updated in its ``streams`` row on every flush (one UPDATE per stream-flush, and
-  a page per row in the WAL estimate), what the chunk-row progress saves;
-* ``tail-sketch``: not keepstream: a log-structured layout kept here as the measured bound of
-  a redesign: each flush's pieces go to an unindexed table, and every ``--fold`` flushes they
-  are moved, one row per stream, to the indexed chunk table, with progress rows as in
-  ``progress-rows``; its WAL estimate (and so its checkpoints) counts as that mode's.
+  backend's own upkeep as the writer runs it (``wants_fold``/``fold``, then
+  ``wants_checkpoint``/``checkpoint``);
+* ``chunks-only``: the layout of the morning of 2026-12-07: each stream-flush's piece straight
+  into the indexed ``chunks`` table, carrying its progress (a page per chunk row in the WAL
+  estimate), what the ``tail`` saves;
+* ``progress-rows``: the layout before 2026-12-07: ``chunks-only``, plus each stream's
+  progress updated in its ``streams`` row on every flush (one UPDATE per stream-flush).
 
 The figure is this process's CPU (``time.process_time``) per event and per stream-flush (one
 stream's rows in one flush), the median of ``--repeat`` runs, modes interleaved.
@@ -39,7 +39,7 @@ from keepstream._config import JournalConfig
 from keepstream._journal import _INSERT_CHUNK, Batch, JournalWriter, SQLiteBackend
 from keepstream._record import Record, new_instance_id, new_stream_id
 
-MODES = ("keepstream", "progress-rows", "tail-sketch")
+MODES = ("keepstream", "chunks-only", "progress-rows")
 EVENT = b"data: " + b"x" * 92 + b"\n\n"  # 100 bytes, as the paced scenario's
 _PROGRESS_ROW = "UPDATE streams SET bytes = ?, events = ?, last_event_id = ? WHERE id = ?"
 
@@ -75,16 +75,9 @@ def _schedule(streams: int, per_flush: float, flushes: int) -> list[list[int]]:
 def _check(backend: SQLiteBackend, records: list[Record], mode: str) -> None:
     """What was timed wrote every event: each body whole, each record's progress (as
     ``SQLiteBackend.get`` reads it) what the stream counted. Raises ``SystemExit`` if not."""
-    conn = backend._writer
     for rec in records:
         want = EVENT * rec.events
-        if mode == "tail-sketch":
-            pieces = conn.execute("SELECT offset, data FROM chunks WHERE stream_id = ? UNION ALL "
-                                  "SELECT offset, data FROM tail WHERE stream_id = ?",
-                                  (rec.id, rec.id)).fetchall()
-            body = b"".join(d for _, d in sorted((o, d) for o, d in pieces))
-        else:
-            body = backend.read_body(rec.id)
+        body = backend.read_body(rec.id)
         row = backend.get(rec.id)
         progress = None if row is None else (row["bytes"], row["events"], row["last_event_id"])
         if body != want or progress != (len(want), rec.events, rec.last_event_id):
@@ -100,19 +93,16 @@ class Result:
     checkpoints: int
 
 
-def run(mode: str, streams: int, per_flush: float, flushes: int, fold: int,
+def run(mode: str, streams: int, per_flush: float, flushes: int,
         checkpoint: bool = True) -> Result:
     """``flushes`` flushes of ``mode`` on a fresh journal file."""
     plan = _schedule(streams, per_flush, flushes)
     with tempfile.TemporaryDirectory() as tmp:
         backend, writer, records = _open(Path(tmp) / "journal.db", streams)
         conn = backend._writer
-        if mode == "tail-sketch":
-            conn.execute("CREATE TABLE tail (stream_id TEXT NOT NULL, offset INTEGER NOT NULL,"
-                         " data BLOB NOT NULL)")
         events = touched = checkpoints = 0
         t0 = time.process_time()
-        for k, due in enumerate(plan):
+        for due in plan:
             for i in due:
                 rec = records[i]
                 writer.append(rec, EVENT)
@@ -122,33 +112,20 @@ def run(mode: str, streams: int, per_flush: float, flushes: int, fold: int,
             events += len(due)
             touched += len(set(due))
             batch, entries = writer._take_batch()
-            progress = [(o + len(d), ev, last, sid) for sid, o, d, ev, last in batch.chunks]
-            if mode == "progress-rows":
+            if mode == "keepstream":
+                backend.commit(batch)
+            else:  # the earlier layouts: every piece into ``chunks``, a page per chunk row
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT_CHUNK, batch.chunks)
-                conn.executemany(_PROGRESS_ROW, progress)
+                if mode == "progress-rows":
+                    conn.executemany(_PROGRESS_ROW, [(o + len(d), ev, last, sid)
+                                                     for sid, o, d, ev, last in batch.chunks])
                 conn.execute("COMMIT")
                 backend._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
-                    4096 * len(progress)  # that layout's estimate: a page per progress row
-            elif mode == "tail-sketch":
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT INTO tail VALUES (?, ?, ?)",
-                                 [c[:3] for c in batch.chunks])
-                conn.executemany(_PROGRESS_ROW, progress)
-                if k % fold == fold - 1:
-                    runs: dict[str, tuple[int, list[bytes]]] = {}
-                    for sid, offset, data in conn.execute("SELECT * FROM tail ORDER BY rowid"):
-                        runs.setdefault(sid, (offset, []))[1].append(data)
-                    conn.executemany("INSERT INTO chunks (stream_id, offset, data) "
-                                     "VALUES (?, ?, ?)",
-                                     [(s, o, b"".join(d)) for s, (o, d) in runs.items()])
-                    conn.execute("DELETE FROM tail")
-                conn.execute("COMMIT")
-                backend._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
-                    4096 * len(progress)  # as progress-rows
-            else:
-                backend.commit(batch)
+                    4096 * len(batch.chunks)
             writer._committed(entries)
+            if backend.wants_fold():
+                backend.fold()
             if checkpoint and backend.wants_checkpoint():
                 backend.checkpoint()
                 checkpoints += 1
@@ -164,7 +141,6 @@ def main() -> None:
     ap.add_argument("--events-per-flush", type=float, default=2.5,
                     help="events per stream per flush (paced: 50/s x 50 ms = 2.5)")
     ap.add_argument("--flushes", type=int, default=200)
-    ap.add_argument("--fold", type=int, default=20, help="tail-sketch: flushes per fold")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mode", choices=MODES, action="append")
     ap.add_argument("--no-checkpoints", action="store_true",
@@ -174,7 +150,7 @@ def main() -> None:
     got: dict[str, list[Result]] = {m: [] for m in modes}
     for _ in range(args.repeat):
         for m in modes:
-            got[m].append(run(m, args.streams, args.events_per_flush, args.flushes, args.fold,
+            got[m].append(run(m, args.streams, args.events_per_flush, args.flushes,
                               checkpoint=not args.no_checkpoints))
     base = None
     print(f"{args.streams} streams, {args.events_per_flush} events per stream-flush, "

@@ -465,6 +465,12 @@ def check_journal(path: Path, detail: list[dict[str, Any]], d: DrainResult,
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = con.execute("SELECT id, status, bytes, ended_at FROM streams").fetchall()
+        # A body's recent small pieces may still be in ``tail`` (keepstream folds it into
+        # ``chunks`` as it goes and at close; journals before 2026-12-07 have no such table).
+        has_tail = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tail'").fetchone()
+        body_sql = "SELECT offset, data FROM chunks WHERE stream_id = ?1" + (
+            " UNION ALL SELECT offset, data FROM tail WHERE stream_id = ?1" if has_tail else ""
+        ) + " ORDER BY offset"
         d.records, d.terminal, d.exact, d.journal_bytes, d.statuses = len(rows), 0, 0, 0, {}
         ended = [r[3] for r in rows if r[3] is not None]
         d.last_record_s = max(ended) - sigterm_wall if ended else None
@@ -473,9 +479,7 @@ def check_journal(path: Path, detail: list[dict[str, Any]], d: DrainResult,
             d.statuses[status] = d.statuses.get(status, 0) + 1
             d.terminal += status != "open"
             body = bytearray()
-            for offset, data in con.execute(
-                    "SELECT offset, data FROM chunks WHERE stream_id = ? ORDER BY offset",
-                    (sid,)):
+            for offset, data in con.execute(body_sql, (sid,)):
                 if offset != len(body):
                     bad.append(f"{sid}: chunk at {offset}, want {len(body)}")
                     break

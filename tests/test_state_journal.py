@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -682,5 +683,170 @@ async def test_writer_sends_progress_only_rows_unless_a_field_changed(tmp_path: 
                 await trio.sleep(0.01)
             row = await writer.get(other.id)
             assert row is not None and row["client_gone_at"] == 13.5 and row["bytes"] == 9
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
+def _tables(path: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """``(stream_id, offset, length)`` of every row in ``chunks`` and in ``tail``."""
+    with sqlite3.connect(path) as conn:
+        chunks = conn.execute("SELECT stream_id, offset, length(data) FROM chunks "
+                              "ORDER BY stream_id, offset").fetchall()
+        tail = conn.execute("SELECT stream_id, offset, length(data) FROM tail "
+                            "ORDER BY rowid").fetchall()
+    return chunks, tail
+
+
+def test_sqlite_small_pieces_go_to_the_tail_and_a_fold_moves_them_whole(tmp_path: Path) -> None:
+    """Small pieces land in ``tail`` (appended together), a large piece of a stream with
+    nothing in ``tail`` goes straight to ``chunks``, and a stream with pieces in ``tail`` keeps
+    adding there (one contiguous run). Readers see one body across both tables; a fold moves
+    each stream's run into one ``chunks`` row with the run's last progress, and the body and
+    progress read back the same."""
+    path = tmp_path / "j.db"
+    b = SQLiteBackend(str(path))
+    b.setup()
+    a, c = _rec(), _rec()
+    b.commit(Batch(rows=[a.row(), c.row()]))
+    big = b"B" * b.tail_piece
+    b.commit(Batch(chunks=[(a.id, 0, b"data: 1\n\n", 1, "1"), (c.id, 0, big, 0, None)]))
+    b.commit(Batch(chunks=[(a.id, 9, big, 1, "1"), (c.id, len(big), b"cc", 0, None)]))
+    b.commit(Batch(chunks=[(c.id, len(big) + 2, big, 0, None)]))
+    chunks, tail = _tables(path)
+    assert chunks == [(c.id, 0, len(big))]
+    assert tail == [(a.id, 0, 9), (a.id, 9, len(big)), (c.id, len(big), 2),
+                    (c.id, len(big) + 2, len(big))]
+    body_a, body_c = b"data: 1\n\n" + big, big + b"cc" + big
+    before = {r["id"]: r for r in b.list_records(None, 10)}
+    for rec, body in ((a, body_a), (c, body_c)):
+        assert b.read_body(rec.id) == body
+        assert b.read_body(rec.id, 5, len(big)) == body[5:5 + len(big)]
+        assert b.read_body(rec.id, len(body) - 3) == body[-3:]
+        got = b.get(rec.id)
+        assert got is not None and got["bytes"] == len(body) == before[rec.id]["bytes"]
+    assert (before[a.id]["events"], before[a.id]["last_event_id"]) == (1, "1")
+    assert b.wants_fold() is False
+    b.fold()
+    chunks, tail = _tables(path)
+    assert tail == []
+    assert sorted(chunks) == sorted([(a.id, 0, len(body_a)), (c.id, 0, len(big)),
+                                     (c.id, len(big), 2 + len(big))])
+    assert {r["id"]: r for r in b.list_records(None, 10)} == before
+    assert b.read_body(a.id) == body_a and b.read_body(c.id) == body_c
+    assert b.integrity_check() == []
+    # After the fold, a large piece goes straight to ``chunks`` again.
+    b.commit(Batch(chunks=[(a.id, len(body_a), big, 2, "2")]))
+    assert _tables(path)[1] == []
+    b.close()
+
+
+def test_sqlite_fold_keeps_a_gap_as_two_rows(tmp_path: Path) -> None:
+    """A run in ``tail`` broken by a gap (rows left by hand, or another writer's) folds into
+    one ``chunks`` row per contiguous run, never a row that spans the gap."""
+    path = tmp_path / "j.db"
+    b = SQLiteBackend(str(path))
+    b.setup()
+    r = _rec()
+    b.commit(Batch(rows=[r.row()]))
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO tail VALUES (?, ?, ?, ?, ?)",
+                         [(r.id, 0, b"ab", 0, None), (r.id, 2, b"cd", 0, None),
+                          (r.id, 10, b"ef", 0, None), (r.id, 12, b"g", 0, None)])
+    b.fold()
+    assert _tables(path) == ([(r.id, 0, 4), (r.id, 10, 3)], [])
+    assert b.read_body(r.id) == b"abcdefg"
+    b.close()
+
+
+async def test_writer_folds_the_tail_once_it_is_full(tmp_path: Path) -> None:
+    """The flush loop folds ``tail`` into ``chunks`` (in a worker thread) once it holds
+    ``fold_rows`` rows; every body and its progress read back whole throughout."""
+    backend, writer = await _sqlite_writer(tmp_path, flush_interval_ms=5)
+    backend.fold_rows = 6
+    recs = [_rec() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(10):
+            for rec in recs:
+                await writer.commit(rec)
+            folded = 0
+            for i in range(10):
+                for rec in recs:
+                    writer.append(rec, b"data: %d\n\n" % i)
+                    rec.bytes += 9
+                    rec.events += 1
+                await writer.commit(recs[0])  # inline: the flush loop is woken for the fold
+                while backend.wants_fold():
+                    await trio.sleep(0.005)
+                chunks, tail = await trio.to_thread.run_sync(_tables, tmp_path / "j.db")
+                assert len(tail) < 6
+                folded += not tail and bool(chunks)
+                for rec in recs:
+                    row = await writer.get(rec.id)
+                    assert row is not None and (row["bytes"], row["events"]) == \
+                        (rec.bytes, rec.events)
+                    assert await writer.read_body(rec.id) == \
+                        b"".join(b"data: %d\n\n" % k for k in range(i + 1))
+            assert folded >= 2
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
+def test_sqlite_recovery_prune_and_close_fold_the_tail(tmp_path: Path) -> None:
+    """Rows a killed process left in ``tail``: recovery folds them first, so an orphaned
+    record's body is whole in ``chunks`` and its ``bytes`` matches. A prune folds first and
+    then deletes a pruned stream's pieces wherever they were; ``close`` folds what this
+    process left in ``tail``."""
+    path = tmp_path / "j.db"
+    b = SQLiteBackend(str(path))
+    b.setup()
+    dead = _rec("gone-host/1/1/ff")
+    b.commit(Batch(rows=[dead.row()]))
+    b.commit(Batch(chunks=[(dead.id, 0, b"data: a\n\n", 1, None)]))
+    b.commit(Batch(chunks=[(dead.id, 9, b"data: b\n\n", 2, None)]))
+    b._w.close()  # type: ignore[union-attr]  # "killed": no close(), no fold
+    b._w = None
+    assert len(_tables(path)[1]) == 2
+    b2 = SQLiteBackend(str(path))
+    b2.setup()
+    assert b2.wants_fold() is False and b2._tail_rows == 2  # it learnt what tail holds
+    assert b2.recover("me") == 1
+    assert _tables(path) == ([(dead.id, 0, 18)], [])
+    got = b2.get(dead.id)
+    assert got is not None and (got["status"], got["bytes"], got["events"]) == ("orphaned", 18, 2)
+    live, done = _rec("me"), _rec("me")
+    b2.commit(Batch(rows=[live.row(), done.row()]))
+    b2.commit(Batch(chunks=[(live.id, 0, b"x", 0, None), (done.id, 0, b"y", 0, None)]))
+    done.finish(Status.COMPLETED, None, now=1.0)
+    b2.commit(Batch(rows=[{**done.row(), "bytes": 1}], stored=[True]))
+    assert b2.prune(time.time()) == 2  # the orphaned record and ``done``
+    assert _tables(path) == ([(live.id, 0, 1)], [])
+    assert b2.read_body(live.id) == b"x" and b2.get(done.id) is None
+    b2.commit(Batch(chunks=[(live.id, 1, b"z", 0, None)]))
+    b2.close()
+    assert _tables(path) == ([(live.id, 0, 1), (live.id, 1, 1)], [])
+
+
+async def test_inline_commits_alone_still_get_the_backends_upkeep(tmp_path: Path) -> None:
+    """Streams that only ever commit inline (record creations, no appends: nothing else
+    wakes the flush loop) still get the WAL checkpointed once it is due."""
+    backend, writer = await _sqlite_writer(tmp_path, flush_interval_ms=5)
+    backend.checkpoint_bytes = 3 * 4096
+    done: list[int] = []
+    real = backend.checkpoint
+
+    def checkpoint() -> None:
+        done.append(1)
+        real()
+
+    backend.checkpoint = checkpoint
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(10):
+            for _ in range(4):
+                assert writer.commit_now(_rec())  # inline: no flush-loop transaction
+            while backend.wants_checkpoint():
+                await trio.sleep(0.005)
+        assert done
         nursery.cancel_scope.cancel()
     backend.close()

@@ -75,6 +75,8 @@ class Backend(Protocol):
     def try_commit_inline(self, batch: Batch) -> bool: ...
     def wants_checkpoint(self) -> bool: ...
     def checkpoint(self) -> None: ...
+    def wants_fold(self) -> bool: ...
+    def fold(self) -> None: ...
     def get(self, stream_id: str) -> dict[str, Any] | None: ...
     def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]: ...
     def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes: ...
@@ -136,6 +138,12 @@ class MemoryBackend:
         return False
 
     def checkpoint(self) -> None:
+        return None
+
+    def wants_fold(self) -> bool:
+        return False
+
+    def fold(self) -> None:
         return None
 
     def get(self, stream_id: str) -> dict[str, Any] | None:
@@ -211,6 +219,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     last_event_id TEXT,
     PRIMARY KEY (stream_id, offset)
 );
+CREATE TABLE IF NOT EXISTS tail (
+    stream_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    events INTEGER,
+    last_event_id TEXT
+);
 """
 
 #: The columns that change after a record's creation (the rest are written once).
@@ -233,10 +248,18 @@ _UPDATE = f"UPDATE streams SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE i
 PROGRESS_COLUMNS = ("bytes", "events", "last_event_id")
 _INSERT_CHUNK = ("INSERT INTO chunks (stream_id, offset, data, events, last_event_id) "
                  "VALUES (?, ?, ?, ?, ?)")
+_INSERT_TAIL = ("INSERT INTO tail (stream_id, offset, data, events, last_event_id) "
+                "VALUES (?, ?, ?, ?, ?)")
 #: An open stream's progress as of its last chunk: ``(end, events, last_event_id)``; ``events``
 #: is NULL in a chunk written before the progress moved there (its row has the progress).
 _LAST_CHUNK = ("SELECT offset + length(data), events, last_event_id FROM chunks "
                "WHERE stream_id = ? ORDER BY offset DESC LIMIT 1")
+_LAST_TAIL = ("SELECT offset + length(data), events, last_event_id FROM tail "
+              "WHERE stream_id = ? ORDER BY offset DESC LIMIT 1")
+#: A body's pieces from both tables, in order (``tail`` holds the recent small ones).
+_BODY = ("SELECT offset, data FROM chunks WHERE stream_id = ?1 AND offset + length(data) > ?2 "
+         "UNION ALL SELECT offset, data FROM tail WHERE stream_id = ?1 "
+         "AND offset + length(data) > ?2 ORDER BY offset")
 
 _UPSERT = (
     f"INSERT INTO streams ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -255,6 +278,11 @@ class SQLiteBackend:
     inline_bytes = 64 * 1024
     #: WAL bytes written between checkpoints (SQLite's own default is 1,000 pages).
     checkpoint_bytes = 4 * 1024 * 1024
+    #: A piece of body smaller than this goes to ``tail`` (see ``_write``).
+    tail_piece = 2048
+    #: ``tail`` is folded into ``chunks`` once it holds this many rows or bytes.
+    fold_rows = 4096
+    fold_bytes = 1024 * 1024
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = path
@@ -263,6 +291,9 @@ class SQLiteBackend:
         self._r: sqlite3.Connection | None = None
         self._since_checkpoint = 0
         self._w_busy_ms = busy_timeout_ms  # the writer connection's busy_timeout now
+        self._tail_rows = 0  # rows and bytes in ``tail`` (as far as this process knows)
+        self._tail_bytes = 0
+        self._in_tail: set[str] = set()  # streams with rows in ``tail``
 
     def _wait_for_lock(self, ms: int) -> None:
         """Set the writer connection's ``busy_timeout`` (only when it changes): 0 for inline
@@ -305,7 +336,15 @@ class SQLiteBackend:
         if "events" not in cols:  # journals written before the progress moved to the chunks
             self._w.execute("ALTER TABLE chunks ADD COLUMN events INTEGER")
             self._w.execute("ALTER TABLE chunks ADD COLUMN last_event_id TEXT")
+        self._note_tail()
         self._r = self._connect()
+
+    def _note_tail(self) -> None:
+        """Learn what ``tail`` holds (rows another process, or one killed, left there)."""
+        rows, nbytes = self._writer.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM tail").fetchone()
+        self._tail_rows, self._tail_bytes = int(rows), int(nbytes)
+        self._in_tail = {r[0] for r in self._writer.execute("SELECT DISTINCT stream_id FROM tail")}
 
     @property
     def _writer(self) -> sqlite3.Connection:
@@ -324,6 +363,7 @@ class SQLiteBackend:
         sibling's records, ``--workers`` or a second process on this journal, are kept)."""
         try:
             self._wait_for_lock(int(self._busy_ms))
+            self.fold()  # every body whole in ``chunks`` first
             owners = [r[0] for r in self._writer.execute(
                 "SELECT DISTINCT instance FROM streams WHERE status = 'open' AND instance != ?",
                 (instance,),
@@ -373,11 +413,19 @@ class SQLiteBackend:
                          "WHERE id = ? AND bytes < ?", (end, events, last_id, sid, end))
 
     @staticmethod
-    def _with_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
-        """``row`` as a dict, an open one with the progress of its last chunk when newer."""
+    def _with_progress(conn: sqlite3.Connection, row: sqlite3.Row,
+                       tails: dict[str, tuple[int, int | None, str | None]] | None = None,
+                       ) -> dict[str, Any]:
+        """``row`` as a dict, an open one with the progress of its last piece (in ``tail``,
+        else in ``chunks``) when newer. ``tails``: every stream's last piece in ``tail``,
+        read once for many rows (``list_records``)."""
         out = dict(row)
         if out["status"] == "open":
-            last = conn.execute(_LAST_CHUNK, (out["id"],)).fetchone()
+            sid = out["id"]
+            last: Any = tails.get(sid) if tails is not None else \
+                conn.execute(_LAST_TAIL, (sid,)).fetchone()
+            if last is None:
+                last = conn.execute(_LAST_CHUNK, (sid,)).fetchone()
             if last is not None and last[0] > out["bytes"]:
                 out["bytes"] = last[0]
                 if last[1] is not None:
@@ -415,6 +463,57 @@ class SQLiteBackend:
     def wants_checkpoint(self) -> bool:
         return self._since_checkpoint >= self.checkpoint_bytes
 
+    def wants_fold(self) -> bool:
+        return self._tail_rows >= self.fold_rows or self._tail_bytes >= self.fold_bytes
+
+    def fold(self) -> None:
+        """Move every piece in ``tail`` into ``chunks``, one row per stream (per contiguous
+        run), in one transaction. Run in a worker thread (``JournalWriter``), at start-up
+        (``recover``), before a prune and at ``close``."""
+        conn = self._writer
+        try:
+            self._wait_for_lock(int(self._busy_ms))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._since_checkpoint += self._fold(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal fold failed: {exc}") from exc
+        self._tail_rows = self._tail_bytes = 0
+        self._in_tail = set()
+
+    @staticmethod
+    def _fold(conn: sqlite3.Connection) -> int:
+        """:meth:`fold`'s work in the caller's transaction; returns its WAL estimate."""
+        runs: dict[str, list[Any]] = {}  # stream -> [offset, end, pieces, events, last id]
+        done: list[tuple[str, list[Any]]] = []
+        moved = 0
+        for sid, offset, data, events, last_id in conn.execute(
+                "SELECT stream_id, offset, data, events, last_event_id FROM tail "
+                "ORDER BY rowid"):
+            moved += len(data)
+            run = runs.get(sid)
+            if run is not None and run[1] == offset:
+                run[1] += len(data)
+                run[2].append(data)
+                run[3], run[4] = events, last_id
+            else:  # (a stream's tail rows are contiguous; a gap only starts a new row)
+                if run is not None:
+                    done.append((sid, run))
+                runs[sid] = [offset, offset + len(data), [data], events, last_id]
+        done.extend(runs.items())
+        if not done:
+            return 0
+        conn.executemany(_INSERT_CHUNK, [
+            (sid, r[0], r[2][0] if len(r[2]) == 1 else b"".join(r[2]), r[3], r[4])
+            for sid, r in done])
+        conn.execute("DELETE FROM tail")
+        return 2 * moved + 4096 * len(done)
+
     def checkpoint(self) -> None:
         """Copy the WAL back into the database (``PASSIVE``: never waits for readers or
         writers). Run in a worker thread: it syncs the disk."""
@@ -428,15 +527,37 @@ class SQLiteBackend:
         """The rest of a transaction begun on ``conn``: write ``batch``, commit."""
         try:
             try:
+                tail: list[Chunk] = []
+                direct: list[Chunk] = []
+                tail_bytes = 0
                 if batch.chunks:
-                    conn.executemany(_INSERT_CHUNK, batch.chunks)
+                    # A small piece goes to ``tail``, where each flush's rows are appended
+                    # together (a few pages); in ``chunks`` each stream's row lands on its
+                    # own page of the (stream_id, offset) index: 200 paced streams dirtied
+                    # about 200 pages per flush. A stream with rows in ``tail`` keeps its
+                    # pieces there until the fold, so they stay one contiguous run.
+                    piece, in_tail = self.tail_piece, self._in_tail
+                    for c in batch.chunks:
+                        if len(c[2]) < piece or c[0] in in_tail:
+                            tail.append(c)
+                            tail_bytes += len(c[2])
+                        else:
+                            direct.append(c)
+                    if tail:
+                        conn.executemany(_INSERT_TAIL, tail)
+                    if direct:
+                        conn.executemany(_INSERT_CHUNK, direct)
                 if batch.rows:
                     self._write_rows(conn, batch)
                 conn.execute("COMMIT")
-                # What the WAL grew by, about: the body bytes and a page per row, and per
-                # chunk row (its index entry lands on its stream's page of the index).
-                self._since_checkpoint += sum(len(c[2]) for c in batch.chunks) + \
-                    4096 * (len(batch.rows) + len(batch.chunks))
+                if tail:
+                    self._tail_rows += len(tail)
+                    self._tail_bytes += tail_bytes
+                    self._in_tail.update(c[0] for c in tail)
+                # What the WAL grew by, about: the body bytes, a page for the tail's rows, a
+                # page per row and per direct chunk row.
+                self._since_checkpoint += tail_bytes + 4096 * (
+                    1 + len(batch.rows) + len(direct)) + sum(len(c[2]) for c in direct)
             except BaseException:
                 # A failed COMMIT (disk full, busy) leaves the transaction open: roll it back,
                 # or every later BEGIN fails and the journal never recovers.
@@ -491,7 +612,13 @@ class SQLiteBackend:
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(sql, (*args, limit)).fetchall()
-                return [self._with_progress(conn, r) for r in rows]
+                tails: dict[str, tuple[int, int | None, str | None]] = {}
+                if any(r["status"] == "open" for r in rows):
+                    for sid, end, events, last_id in conn.execute(
+                            "SELECT stream_id, offset + length(data), events, last_event_id "
+                            "FROM tail ORDER BY rowid"):
+                        tails[sid] = (end, events, last_id)  # the last one wins
+                return [self._with_progress(conn, r, tails) for r in rows]
             finally:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -499,11 +626,7 @@ class SQLiteBackend:
 
     def read_body(self, stream_id: str, offset: int = 0, limit: int | None = None) -> bytes:
         try:
-            rows = self._reader.execute(
-                "SELECT offset, data FROM chunks WHERE stream_id = ? AND offset + length(data) > ?"
-                " ORDER BY offset",
-                (stream_id, offset),
-            ).fetchall()
+            rows = self._reader.execute(_BODY, (stream_id, offset)).fetchall()
         except sqlite3.Error as exc:
             raise JournalError(f"journal read failed: {exc}") from exc
         out = bytearray()
@@ -517,8 +640,10 @@ class SQLiteBackend:
         rows = self._reader.execute("PRAGMA integrity_check").fetchall()
         problems = [r[0] for r in rows if r[0] != "ok"]
         bad = self._reader.execute(
-            "SELECT s.id FROM streams s LEFT JOIN (SELECT stream_id, SUM(length(data)) n "
-            "FROM chunks GROUP BY stream_id) c ON c.stream_id = s.id "
+            "SELECT s.id FROM streams s LEFT JOIN (SELECT stream_id, SUM(n) n FROM ("
+            "SELECT stream_id, length(data) n FROM chunks UNION ALL "
+            "SELECT stream_id, length(data) FROM tail) GROUP BY stream_id) c "
+            "ON c.stream_id = s.id "
             # An open row's progress is as of its last whole write: at most its chunks.
             "WHERE s.bytes != COALESCE(c.n, 0) AND (s.status != 'open' OR s.bytes > "
             "COALESCE(c.n, 0))"
@@ -534,6 +659,7 @@ class SQLiteBackend:
             self._wait_for_lock(int(self._busy_ms))
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._since_checkpoint += self._fold(conn)
                 conn.execute(
                     "DELETE FROM chunks WHERE stream_id IN (SELECT id FROM streams WHERE "
                     "status != 'open' AND ended_at < ?)", (before,))
@@ -545,9 +671,18 @@ class SQLiteBackend:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"prune failed: {exc}") from exc
+        self._tail_rows = self._tail_bytes = 0  # folded
+        self._in_tail = set()
         return int(n)
 
     def close(self) -> None:
+        if self._w is not None and self._tail_rows:
+            # Leave the journal at rest with every body in ``chunks`` (readers, and
+            # recovery, handle ``tail`` rows too: this is tidiness, not safety).
+            try:
+                self.fold()
+            except JournalError as exc:
+                log.warning("keepstream: %s", exc)
         for conn in (self._w, self._r):
             if conn is not None:
                 conn.close()
@@ -769,7 +904,7 @@ class JournalWriter:
                 await self._flush()
         finally:
             with trio.move_on_after(5.0, shield=True):
-                await self._flush()
+                await self._flush(maintain=False)  # (the backend's close() folds)
 
     def _hurry_up(self) -> None:
         self._urgent = True
@@ -801,10 +936,32 @@ class JournalWriter:
             rec.journaled = offset
         return batch, entries
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, maintain: bool = True) -> None:
         if not self._pending:
             self._signal_commit()
+        elif not await self._flush_pending():
             return
+        if maintain and self.backend.threaded:
+            await self._maintain()
+
+    async def _maintain(self) -> None:
+        """The backend's own upkeep, in a worker thread, after a flush: fold its tail, then
+        checkpoint its WAL, when due. A failure is logged and tried again later."""
+        backend = self.backend
+        for due, work in ((backend.wants_fold, backend.fold),
+                          (backend.wants_checkpoint, backend.checkpoint)):
+            if due():
+                try:
+                    await self._call(self._w_limiter, work)
+                except JournalError as exc:
+                    log.warning("keepstream: %s", exc)  # retried after the next commits
+
+    def _maintenance_due(self) -> bool:
+        backend = self.backend
+        return backend.threaded and (backend.wants_fold() or backend.wants_checkpoint())
+
+    async def _flush_pending(self) -> bool:
+        """Commit what is pending; False if that failed (put back, retried later)."""
         batch, entries = self._take_batch()
         self._inflight_bytes = sum(len(c[2]) for c in batch.chunks)
         self._flushing = True
@@ -824,14 +981,10 @@ class JournalWriter:
             self._retry_delay = min(1.0, max(self._interval * 2, self._retry_delay * 2))
             await trio.sleep(self._retry_delay)
             self._wakeup.set()
-            return
+            return False
         self._flushing = False
         self._committed(entries)
-        if self.backend.threaded and self.backend.wants_checkpoint():
-            try:
-                await self._call(self._w_limiter, self.backend.checkpoint)
-            except JournalError as exc:
-                log.warning("keepstream: %s", exc)  # retried after the next commits
+        return True
 
     def _committed(self, entries: list[_Pending]) -> None:
         """Bookkeeping after a successful transaction of ``entries``."""
@@ -885,6 +1038,10 @@ class JournalWriter:
             self._restore(entries)
             return False
         self._committed(entries)
+        if self._maintenance_due():
+            # Inline commits alone (short streams) never go through the flush loop: wake it
+            # for the upkeep, or the tail and the WAL would grow without bound.
+            self._wakeup.set()
         return True
 
     def _restore(self, entries: Iterable[_Pending]) -> None:

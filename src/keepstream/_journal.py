@@ -368,34 +368,41 @@ class SQLiteBackend:
                 "SELECT DISTINCT instance FROM streams WHERE status = 'open' AND instance != ?",
                 (instance,),
             )]
-            n = 0
-            for owner in owners:
-                if owner_alive(owner):
-                    continue
-                conn = self._writer
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    # The progress of its last durable chunk first (an open row's own is as
-                    # of its last whole write), so ``bytes`` matches the committed body.
-                    ids = [r[0] for r in conn.execute(
-                        "SELECT id FROM streams WHERE status = 'open' AND instance = ?",
-                        (owner,))]
-                    for sid in ids:
-                        self._settle_progress(conn, sid)
-                    cur = conn.execute(
-                        "UPDATE streams SET status = 'orphaned', "
-                        "reason = 'found open at start-up', ended_at = ? "
-                        "WHERE status = 'open' AND instance = ?",
-                        (time.time(), owner),
-                    )
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                n += cur.rowcount
-            return n
         except sqlite3.Error as exc:
             raise JournalError(f"recovery failed: {exc}") from exc
+
+        def orphan(conn: sqlite3.Connection, owner: str) -> int:
+            # The progress of its last durable piece first (an open row's own is as of its
+            # last whole write), so ``bytes`` matches the committed body.
+            for (sid,) in conn.execute(
+                    "SELECT id FROM streams WHERE status = 'open' AND instance = ?", (owner,)
+            ).fetchall():
+                self._settle_progress(conn, sid)
+            return int(conn.execute(
+                "UPDATE streams SET status = 'orphaned', reason = 'found open at start-up', "
+                "ended_at = ? WHERE status = 'open' AND instance = ?", (time.time(), owner),
+            ).rowcount)
+
+        return sum(self._transact("recovery", orphan, owner)
+                   for owner in owners if not owner_alive(owner))
+
+    def _transact(self, what: str, work: Any, *args: Any) -> Any:
+        """``work(conn, *args)`` in one transaction of the writer connection (rolled back if
+        it raises); a database error becomes ``JournalError`` naming ``what``."""
+        conn = self._writer
+        try:
+            self._wait_for_lock(int(self._busy_ms))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn, *args)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"{what} failed: {exc}") from exc
+        return result
 
     @staticmethod
     def _settle_progress(conn: sqlite3.Connection, sid: str) -> None:
@@ -470,19 +477,7 @@ class SQLiteBackend:
         """Move every piece in ``tail`` into ``chunks``, one row per stream (per contiguous
         run), in one transaction. Run in a worker thread (``JournalWriter``), at start-up
         (``recover``), before a prune and at ``close``."""
-        conn = self._writer
-        try:
-            self._wait_for_lock(int(self._busy_ms))
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._since_checkpoint += self._fold(conn)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal fold failed: {exc}") from exc
+        self._since_checkpoint += self._transact("journal fold", self._fold)
         self._tail_rows = self._tail_bytes = 0
         self._in_tail = set()
 
@@ -655,27 +650,18 @@ class SQLiteBackend:
         return problems
 
     def prune(self, before: float) -> int:
-        """Delete terminal records that ended before ``before`` (epoch s), with their bodies."""
-        conn = self._writer
-        try:
-            self._wait_for_lock(int(self._busy_ms))
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._since_checkpoint += self._fold(conn)
-                conn.execute(
-                    "DELETE FROM chunks WHERE stream_id IN (SELECT id FROM streams WHERE "
-                    "status != 'open' AND ended_at < ?)", (before,))
-                n = conn.execute("DELETE FROM streams WHERE status != 'open' AND ended_at < ?",
-                                 (before,)).rowcount
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise JournalError(f"prune failed: {exc}") from exc
-        self._tail_rows = self._tail_bytes = 0  # folded
-        self._in_tail = set()
-        return int(n)
+        """Delete terminal records that ended before ``before`` (epoch s), with their bodies
+        (``tail`` folded first, so a body is all in ``chunks``)."""
+        self.fold()
+
+        def delete(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM chunks WHERE stream_id IN (SELECT id FROM streams WHERE "
+                         "status != 'open' AND ended_at < ?)", (before,))
+            return int(conn.execute("DELETE FROM streams WHERE status != 'open' AND "
+                                    "ended_at < ?", (before,)).rowcount)
+
+        n: int = self._transact("prune", delete)
+        return n
 
     def close(self) -> None:
         if self._w is not None and self._tail_rows:

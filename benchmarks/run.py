@@ -71,9 +71,53 @@ class Peer:
     requires: tuple[str, ...] = ()
     #: a ``keepstream serve`` command line: takes part in the drain scenario
     keepstream: bool = False
+    #: a program the peer runs (on PATH); missing: peer skipped
+    program: str | None = None
 
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        gone = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if self.program is not None and shutil.which(self.program) is None:
+            gone.append(self.program)
+        return gone
+
+
+def nginx_argv(bind: str, upstream: str, state: Path) -> list[str]:
+    """nginx as a streaming reverse proxy (the peer ``nginx``): one worker process,
+    ``proxy_buffering off`` (each upstream chunk is written on as it arrives), upstream
+    keep-alive, no access log. The configuration goes to a directory of its own."""
+    prefix = Path(f"{state}-nginx")
+    prefix.mkdir(parents=True, exist_ok=True)
+    up = upstream.removeprefix("http://").rstrip("/")
+    temp = "\n".join(f"    {k}_temp_path {prefix}/{k};"
+                     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+{"user root;" if os.geteuid() == 0 else ""}
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+{temp}
+    upstream up {{ server {up}; keepalive 256; }}
+    server {{
+        listen {bind};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_send_timeout 600s;
+        }}
+    }}
+}}
+""")
+    return ["nginx", "-p", str(prefix), "-e", "stderr", "-c", str(conf)]
 
 
 PEERS: dict[str, Peer] = {
@@ -108,13 +152,15 @@ PEERS: dict[str, Peer] = {
              lambda bind, up, tmp: [PY, str(HERE / "starlette_relay.py"), "--bind", bind,
                                     "--upstream", up],
              requires=("starlette", "uvicorn")),
+        Peer("nginx", "nginx reverse proxy, one worker, proxy_buffering off (when installed)",
+             nginx_argv, program="nginx"),
     ]
 }
 BASELINE = "minimal"
 DIRECT = "direct"  # the peer whose latency the "added latency" figures subtract
 SUBJECT = "keepstream-sqlite"  # the peer the ratio lines and the targets are about
 DEFAULT_PEERS = ["direct", "keepstream-sqlite", "keepstream-lean", "keepstream-none", "minimal",
-                 "aiohttp", "starlette"]
+                 "aiohttp", "starlette", "nginx"]
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -944,13 +990,13 @@ def main(argv: list[str] | None = None) -> int:
         if p.partition("@")[0] not in PEERS:
             raise SystemExit(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
     for p in list(peers):
-        gone = PEERS[p.partition("@")[0]].missing()
+        peer = PEERS[p.partition("@")[0]]
+        gone = peer.missing()
         if gone:
-            print(f"note: peer {p} skipped: {', '.join(gone)} not installed "
-                  f"(pip install -e '.[bench]')", flush=True)
+            how = f"install {peer.program}" if peer.program else "pip install -e '.[bench]'"
+            print(f"note: peer {p} skipped: {', '.join(gone)} not installed ({how})",
+                  flush=True)
             peers.remove(p)
-    if shutil.which("nginx") is None:
-        print("note: nginx not installed: no nginx peer in this run", flush=True)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     drain_peers = [n for n in peers if PEERS[n.partition("@")[0]].keepstream]
     if "drain" in scenarios and len(drain_peers) < len(peers):

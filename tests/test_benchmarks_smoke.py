@@ -1,12 +1,13 @@
 """The performance suite keeps working: ``benchmarks/run.py --smoke`` runs every peer (no proxy
 at all, keepstream with the SQLite journal and with none, the minimal relay, and the aiohttp
-and Starlette relays when installed) through every scenario on tiny counts, and fails if any
+and Starlette relays and nginx when installed) through every scenario on tiny counts, and fails if any
 event is lost or corrupted; its drain scenario (SIGTERM with 20 live streams) fails if a record
 is left open, is not byte-exact, or is missing. No timing is asserted here (timing claims live
 in the benchmarks themselves, docs/performance.md)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,11 @@ def test_benchmark_smoke_run_forwards_every_event() -> None:
     for scenario in ("bulk", "paced", "idle", "ttfb", "drain"):
         assert f"  {scenario} " in proc.stdout
     assert "added latency over direct, paced" in proc.stdout
+    if shutil.which("nginx") is not None:  # the nginx peer ran every load scenario
+        for scenario in ("bulk", "paced", "idle", "ttfb"):
+            assert f"  {scenario:6} #1 nginx " in proc.stdout
+    else:
+        assert "note: peer nginx skipped: nginx not installed" in proc.stdout
 
 
 def test_wakeup_floor_runs_every_mode() -> None:

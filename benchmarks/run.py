@@ -1114,6 +1114,12 @@ def main(argv: list[str] | None = None) -> int:
         }, indent=2))
     if not args.keep and not failed and not failed_drains:
         shutil.rmtree(work, ignore_errors=True)
+    # The targets first: a peer that lost events (the minimal relay at 2,000 idle streams)
+    # fails the run, and should not hide the subject's figures.
+    lines = format_targets(targets)
+    if lines:
+        print()
+        print("\n".join(lines))
     if failed or failed_drains:
         if failed:
             print(f"\n{len(failed)} run(s) lost or garbled events; logs kept in {work}")
@@ -1127,10 +1133,6 @@ def main(argv: list[str] | None = None) -> int:
             print("smoke drain: every record terminal and byte-exact, every client stream's "
                   "bytes within its record")
         return 0
-    lines = format_targets(targets)
-    if lines:
-        print()
-        print("\n".join(lines))
     return 1 if args.check and not ok else 0
 
 

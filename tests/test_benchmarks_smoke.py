@@ -1,9 +1,9 @@
 """The performance suite keeps working: ``benchmarks/run.py --smoke`` runs every peer (no proxy
 at all, keepstream with the SQLite journal and with none, the minimal relay, and the aiohttp
-and Starlette relays and nginx when installed) through every scenario on tiny counts, and fails if any
-event is lost or corrupted; its drain scenario (SIGTERM with 20 live streams) fails if a record
-is left open, is not byte-exact, or is missing. No timing is asserted here (timing claims live
-in the benchmarks themselves, docs/performance.md)."""
+and Starlette relays and nginx when installed) through every scenario on tiny counts, and
+fails if any event is lost or corrupted; its drain scenario (SIGTERM with 20 live streams)
+fails if a record is left open, is not byte-exact, or is missing. No timing is asserted here
+(timing claims live in the benchmarks themselves, docs/performance.md)."""
 
 from __future__ import annotations
 

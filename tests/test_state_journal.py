@@ -825,6 +825,13 @@ def test_sqlite_recovery_prune_and_close_fold_the_tail(tmp_path: Path) -> None:
     assert _tables(path) == ([(live.id, 0, 1)], [])
     assert b2.read_body(live.id) == b"x" and b2.get(done.id) is None
     b2.commit(Batch(chunks=[(live.id, 1, b"z", 0, None)]))
+    # A reader on the same file (``keepstream streams show`` beside a running server) sees
+    # the tail's piece and leaves the journal as it found it when it closes.
+    reader = SQLiteBackend(str(path))
+    reader.setup()
+    assert reader.read_body(live.id) == b"xz"
+    reader.close()
+    assert _tables(path)[1] == [(live.id, 1, 1)]
     b2.close()
     assert _tables(path) == ([(live.id, 0, 1), (live.id, 1, 1)], [])
 

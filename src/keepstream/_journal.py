@@ -294,6 +294,7 @@ class SQLiteBackend:
         self._tail_rows = 0  # rows and bytes in ``tail`` (as far as this process knows)
         self._tail_bytes = 0
         self._in_tail: set[str] = set()  # streams with rows in ``tail``
+        self._wrote_tail = False  # this process put rows in ``tail`` since its last fold
 
     def _wait_for_lock(self, ms: int) -> None:
         """Set the writer connection's ``busy_timeout`` (only when it changes): 0 for inline
@@ -480,6 +481,7 @@ class SQLiteBackend:
         self._since_checkpoint += self._transact("journal fold", self._fold)
         self._tail_rows = self._tail_bytes = 0
         self._in_tail = set()
+        self._wrote_tail = False
 
     @staticmethod
     def _fold(conn: sqlite3.Connection) -> int:
@@ -551,6 +553,7 @@ class SQLiteBackend:
                     self._tail_rows += len(tail)
                     self._tail_bytes += tail_bytes
                     self._in_tail.update(c[0] for c in tail)
+                    self._wrote_tail = True
                 # What the WAL grew by, about: the body bytes, a page for the tail's rows, a
                 # page per row and per direct chunk row.
                 self._since_checkpoint += tail_bytes + 4096 * (
@@ -664,9 +667,10 @@ class SQLiteBackend:
         return n
 
     def close(self) -> None:
-        if self._w is not None and self._tail_rows:
+        if self._w is not None and self._wrote_tail:
             # Leave the journal at rest with every body in ``chunks`` (readers, and
-            # recovery, handle ``tail`` rows too: this is tidiness, not safety).
+            # recovery, handle ``tail`` rows too: this is tidiness, not safety). Only what
+            # this process wrote: a reader (``keepstream streams show``) never writes.
             try:
                 self.fold()
             except JournalError as exc:

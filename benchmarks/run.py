@@ -682,8 +682,10 @@ def summarize(results: list[Result], peers: list[str], scenarios: list[str]) -> 
                 gen_other_pct=_median([100 * r.gen_other_cpu_s / r.wall_s for r in rs]),
                 p50=_median(p50) if p50 else None, p99=_median(p99) if p99 else None,
                 offered=rs[0].offered, failed_runs=sum(1 for r in rs if r.errors),
-                rss_kib_per_stream=_median([r.rss_kib_per_stream for r in rs
-                                            if r.rss_kib_per_stream is not None])
+                # The largest, not the median: a later repeat on the same process reuses
+                # the heap the first one grew and reads a fraction of what a stream holds.
+                rss_kib_per_stream=max([r.rss_kib_per_stream for r in rs
+                                        if r.rss_kib_per_stream is not None])
                 if any(r.rss_kib_per_stream is not None for r in rs) else None,
             ))
     return rows

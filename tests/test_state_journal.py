@@ -394,6 +394,58 @@ async def test_grouped_commits_share_a_transaction(tmp_path: Path) -> None:
     backend.close()
 
 
+async def test_commit_soon_shares_one_inline_transaction_among_a_pass(tmp_path: Path) -> None:
+    """``commit_soon`` (a stream's creation and end): streams that ask in the same scheduler
+    pass (a burst of clients arriving or streams ending together) share the first one's inline
+    transaction, and each is durable when its call returns True; one alone commits at once;
+    when the inline path is closed (a locked database) every one of them says so, and
+    ``commit`` still lands them."""
+    n = 40
+    db = tmp_path / "j.db"
+    backend, writer = await _sqlite_writer(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(10):
+            alone = _rec()
+            assert await writer.commit_soon(alone)
+            assert backend.get(alone.id) is not None and backend.inline == 1
+            assert writer.grouped_commits == 0
+            recs = [_rec() for _ in range(n)]
+            results: dict[str, tuple[bool, str | None]] = {}
+
+            async def create(rec: Record) -> None:
+                ok = await writer.commit_soon(rec)
+                row = backend.get(rec.id)  # read at once: durable on return
+                results[rec.id] = (ok, row["status"] if row else None)
+
+            async with trio.open_nursery() as burst:
+                for rec in recs:
+                    burst.start_soon(create, rec)
+            assert results == {r.id: (True, "open") for r in recs}
+            assert backend.inline == 2 and backend.threaded_commits == 0
+            assert writer.grouped_commits == n - 1
+            locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            await trio.to_thread.run_sync(locker.execute, "BEGIN EXCLUSIVE")
+            assert not writer.commit_now(_rec())  # the inline path is closed from here on
+            said: list[bool] = []
+
+            async def end(rec: Record) -> None:
+                rec.finish(Status.COMPLETED, None)
+                said.append(await writer.commit_soon(rec))
+
+            async with trio.open_nursery() as burst:
+                for rec in recs[:5]:
+                    burst.start_soon(end, rec)
+            assert said == [False] * 5
+            await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+            locker.close()
+            for rec in recs[:5]:
+                await writer.commit(rec)
+                assert (backend.get(rec.id) or {})["status"] == "completed"
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
 async def test_the_wal_is_checkpointed_by_the_writer(tmp_path: Path) -> None:
     """Automatic checkpoints are off (they would sync the disk inside an inline commit): the
     writer checkpoints in a thread every ``checkpoint_bytes``, so the WAL stays bounded."""

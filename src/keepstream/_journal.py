@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import outcome
 import trio
 
 from ._config import JournalConfig, journal_kind
@@ -702,6 +703,10 @@ class _Pending:
         self.full = full
 
 
+def _uncancellable(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 class JournalWriter:
     """The single writer task of a journal; see the module docstring."""
 
@@ -726,6 +731,9 @@ class JournalWriter:
         #: whose one transaction takes every stream that ended in the same scheduler pass,
         #: rather than one inline transaction per stream.
         self.grouped = False
+        #: commit_soon: the tasks waiting for the first one's transaction in this pass
+        self._group: list[trio.lowlevel.Task] | None = None
+        self.grouped_commits = 0  # commits that rode on another stream's transaction
         self._inflight_bytes = 0
         self._max_backlog = 4 * config.flush_bytes
         self._retry_delay = 0.0
@@ -798,15 +806,42 @@ class JournalWriter:
         on return; False when it must go :meth:`commit`'s way (which can wait, so its caller
         arms a timeout only then)."""
         self._entry(record)
-        inline = self.backend.inline_bytes
+        return self._inline_possible() and self._flush_now()
+
+    def _inline_possible(self) -> bool:
         # The inline try only when it can succeed: not while the writer connection is busy in
         # a thread (a checkpoint's disk sync, a prune) or after a try the database refused,
         # until a commit lands. Each failed try gathers and puts back everything pending, so
         # retrying it for every stream that ends meanwhile was quadratic (a drain of 1,000
         # streams during a slow checkpoint built half a million rows).
+        inline = self.backend.inline_bytes
         return bool(inline) and not self._flushing and not self._inline_refused and \
             not self.grouped and self._pending_bytes <= inline and \
-            not self._w_limiter.borrowed_tokens and self._flush_now()
+            not self._w_limiter.borrowed_tokens
+
+    async def commit_soon(self, record: Record) -> bool:
+        """:meth:`commit_now` shared by every stream that asks in the same scheduler pass (a
+        burst of streams starting or ending together): the first to ask yields once, then
+        commits inline, in one transaction, every row asked for meanwhile; the others wait for
+        that transaction (a wait that cannot be cancelled and lasts one pass). True when
+        ``record`` is durable on return; False when it must go :meth:`commit`'s way."""
+        self._entry(record)
+        group = self._group
+        if group is not None:
+            group.append(trio.lowlevel.current_task())
+            done: bool = await trio.lowlevel.wait_task_rescheduled(_uncancellable)
+            return done
+        if not self._inline_possible():
+            return False
+        group = self._group = []
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._group = None
+        done = self._inline_possible() and self._flush_now()
+        if group:
+            self.grouped_commits += len(group)
+            for task in group:
+                trio.lowlevel.reschedule(task, outcome.Value(done))
+        return done
 
     async def commit(self, record: Record) -> None:
         """Flush now, including ``record``'s row, and wait until that transaction is durable."""

@@ -675,7 +675,7 @@ class LiveStream:
             rec.finish(status, reason)
             if status in (Status.INTERRUPTED, Status.CANCELLED) and self.error_status == 502:
                 self.error_status = 503
-            if not writer.commit_now(rec):  # else durable already: no scope to arm
+            if not await writer.commit_soon(rec):  # else durable already: no scope to arm
                 with trio.move_on_after(sup.config.server.persist_timeout, shield=True):
                     await writer.commit(rec)
             self.finished = True
@@ -798,7 +798,7 @@ class Supervisor:
         self._count(rec, +1)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self.started_total += 1
-        if self.writer.commit_now(rec):
+        if await self.writer.commit_soon(rec):
             refused = False  # durable already (an inline commit): no timeout to arm
         else:
             with trio.move_on_after(self.config.server.persist_timeout) as cs:

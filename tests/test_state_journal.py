@@ -14,6 +14,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import keepstream._journal as journal_mod
 from keepstream import JournalConfig
 from keepstream._errors import JournalError
 from keepstream._journal import (
@@ -394,22 +395,27 @@ async def test_grouped_commits_share_a_transaction(tmp_path: Path) -> None:
     backend.close()
 
 
-async def test_commit_soon_shares_one_inline_transaction_among_a_pass(tmp_path: Path) -> None:
-    """``commit_soon`` (a stream's creation and end): streams that ask in the same scheduler
-    pass (a burst of clients arriving or streams ending together) share the first one's inline
-    transaction, and each is durable when its call returns True; one alone commits at once;
-    when the inline path is closed (a locked database) every one of them says so, and
-    ``commit`` still lands them."""
+async def test_commit_soon_shares_one_inline_transaction_among_a_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``commit_soon`` (a stream's creation and end): in a burst (an inline commit ended less
+    than ``GROUP_WITHIN`` ago) streams that ask in the same scheduler pass share one inline
+    transaction, and each is durable when its call returns True; otherwise a stream commits
+    at once; when the inline path is closed (a locked database) every one of them says so,
+    and ``commit`` still lands them."""
     n = 40
     db = tmp_path / "j.db"
     backend, writer = await _sqlite_writer(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         with trio.fail_after(10):
+            monkeypatch.setattr(journal_mod, "GROUP_WITHIN", 0.0)  # never a burst
             alone = _rec()
             assert await writer.commit_soon(alone)
             assert backend.get(alone.id) is not None and backend.inline == 1
             assert writer.grouped_commits == 0
+            # Always a burst (the threshold is wall-clock time; a test must not race it).
+            monkeypatch.setattr(journal_mod, "GROUP_WITHIN", 3600.0)
             recs = [_rec() for _ in range(n)]
             results: dict[str, tuple[bool, str | None]] = {}
 

@@ -348,6 +348,36 @@ async def test_a_head_already_read_is_served_refused_or_waited_for_under_the_tim
         assert 2.0 <= trio.current_time() - start < 3.0
 
 
+async def test_heads_in_pieces_take_the_fast_parse_or_h11_under_one_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A head that arrives a few bytes at a time: a plain GET is served once its blank line
+    is in; a POST, known only once its head is whole, goes to h11 for its body, and still
+    gets it; a head that turns out to be for h11 (bare LF line ends) and never completes is
+    dropped ``keep_alive_timeout`` after the wait began, not after the hand-over to h11."""
+    async with lean(hello, keep_alive=2.0) as (port, _):
+        for raw, want in [
+            (b"GET /a?q=1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+             b"GET /a q=1 "),
+            (b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+             b"POST /p  hello"),
+        ]:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            for i in range(0, len(raw), 7):
+                await stream.send_all(raw[i:i + 7])
+                await trio.sleep(0.1)  # the whole head well within keep_alive_timeout
+            buf = bytearray()
+            assert (await read_response(stream, buf)).endswith(want)
+            await stream.aclose()
+
+        start = trio.current_time()
+        lf = await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.sleep(1.5)
+        await lf.send_all(b"GET / HTTP/1.1\nHost: x\n")  # h11's from here; never completes
+        assert await read_until_closed(lf, 10) == b""
+        assert 1.99 <= trio.current_time() - start < 2.5  # not 1.5 s + 2 s
+
+
 async def test_a_pipelined_flood_answered_at_once_does_not_hold_the_event_loop() -> None:
     """200 requests in one write, each answered without waiting (no request waits for a head,
     a body or a socket): the connection still lets other tasks run while it works through

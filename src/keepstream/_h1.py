@@ -11,9 +11,14 @@ budget (docs/performance.md).
 
 What it does, and how it differs from Hypercorn (docs/configuration.md, ``engine``):
 
-* Requests are parsed by h11 (one ``h11.Connection`` per request, fed what the previous one left
-  over), so what h11 refuses is refused the same way: ``error_status_hint`` (400, 431...), an
-  empty body and ``Connection: close``. Heads over 16 KiB are refused.
+* A request without a body (no ``Content-Length``, ``Transfer-Encoding`` or ``Expect``: the
+  GET of a stream) whose head is plain (CRLF lines, HTTP/1.1 with one ``Host`` or HTTP/1.0)
+  is parsed here, with h11's own grammar (``_parse_head``): h11's per-request state machine,
+  event objects and header normalization cost more than the rest of the parse. Every other
+  request, and any head the fast parse does not take whole, goes to h11 (one
+  ``h11.Connection`` per request, fed what the previous one left over), so what h11 refuses is
+  refused the same way: ``error_status_hint`` (400, 431...), an empty body and
+  ``Connection: close``. Heads over 16 KiB are refused.
 * Responses are framed here: ``Content-Length`` when the app gave one, chunked otherwise
   (HTTP/1.1), close-delimited for HTTP/1.0; no body for HEAD, 1xx, 204 and 304. A write goes
   out in one non-blocking ``send()``; only what the socket does not take waits (cancellable;
@@ -66,6 +71,69 @@ RECV_SIZE = 64 * 1024
 YIELD_EVERY = 32
 #: ``_Connection._head_now``: the client closed or reset before a whole request head.
 _GONE = object()
+
+#: ``_Connection._fast_head``: the head is not all here yet; wait for more.
+_WAIT = object()
+
+# h11 0.16's grammar (h11/_abnf.py: request_line, header_field), compiled for fullmatch: a
+# head the fast parse takes is one h11 takes the same way (tests/test_lean_head.py).
+_TOKEN_RE = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR = rb"[^\x00\s]"
+_REQUEST_LINE = re.compile(
+    rb"(" + _TOKEN_RE + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
+_HEADER_FIELD = re.compile(
+    rb"(" + _TOKEN_RE + rb"):[ \t]*((?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR +
+    rb"+)*)?)[ \t]*")
+#: Headers that give a request a body (or a 100-continue exchange): h11 reads those requests.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+
+
+class _Head:
+    """A request head parsed by :func:`_parse_head`: what ``_serve`` reads of h11's
+    ``Request`` (header names lower-cased, values without surrounding whitespace)."""
+
+    __slots__ = ("headers", "http_version", "method", "target")
+
+    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                 http_version: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http_version = http_version
+
+
+def _parse_head(buf: bytearray, end: int) -> _Head | None:
+    """The request head ``buf[:end]`` (``buf[end:end + 4]`` is its blank line) as a
+    :class:`_Head`, taken out of ``buf``; None, leaving ``buf`` as it is, when h11 must read
+    this request: it has a body, or its head is anything but plain (h11 then accepts or
+    refuses it as it always did)."""
+    if end > MAX_HEAD:
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        return None
+    method, target, version = m.groups()
+    if version != b"1.1" and version != b"1.0":
+        return None
+    headers = []
+    hosts = 0
+    match = _HEADER_FIELD.fullmatch
+    for line in lines[1:]:
+        f = match(line)
+        if f is None:
+            return None
+        name = f[1].lower()
+        if name in _FRAMING:
+            return None
+        if name == b"host":
+            hosts += 1
+        headers.append((name, f[2]))
+    if hosts > 1 or (not hosts and version == b"1.1"):
+        return None  # h11 refuses it (400)
+    del buf[:end + 4]
+    return _Head(method, target, headers, version)
+
 
 _REASONS: dict[int, bytes] = {}
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -201,40 +269,57 @@ class _Connection:
             if not await serve:
                 return
 
-    async def _next_request(self) -> h11.Request | None:
+    async def _next_request(self) -> h11.Request | _Head | None:
         """The next request head, or None (closed, timed out, refused)."""
         old = self._h
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        closed = False
         if old is not None:
             leftover, closed = old.trailing_data
-            if leftover:
-                h.receive_data(bytes(leftover))
-            if closed:
-                h.receive_data(b"")
-        elif self._ahead:
-            h.receive_data(bytes(self._ahead))
+            buf = bytearray(leftover)
+        else:
+            buf = self._ahead or bytearray()
         self._ahead = None
-        self._h = h
+        self._h = None
         self._reset()
         # The head is most often here already (a new connection's first request, a pipelined
         # one): it is parsed without arming the keep-alive timeout, a cancel scope that costs
         # more than the parse. Only a head still to come is waited for under it.
         await trio.lowlevel.checkpoint_if_cancelled()
-        event: object | None
+        deadline: float | None = None  # of the keep-alive wait, once one began
+        event: object | None = None if closed else self._fast_head(buf)
+        if event is _WAIT:
+            deadline = trio.current_time() + self.server.keep_alive_timeout
+            idle = self._idle_scope = trio.move_on_at(deadline)
+            with idle:
+                while event is _WAIT:
+                    await trio.lowlevel.wait_readable(self.fd)
+                    event = self._fast_head(buf)
+            if event is _WAIT:
+                return None  # keep-alive timeout (or shutdown)
+        if isinstance(event, _Head):
+            self._ahead = buf  # what came after the head: the next request's bytes
+            if deadline is None:
+                await self._count_unyielded()
+            return event
+        if event is _GONE:
+            return None
+        # Not for the fast parse (None): h11 reads this request, from what is here.
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if buf:
+            h.receive_data(bytes(buf))
+        if closed:
+            h.receive_data(b"")
+        self._h = h
         try:
             event = self._head_now(h)
         except h11.RemoteProtocolError as exc:
             event = exc  # answered under the timeout below (the answer's write can wait)
-        if event is not None and not isinstance(event, h11.RemoteProtocolError):
-            # No yield for each head: the request then waits for its upstream anyway. Every
-            # YIELD_EVERY-th (with the writes that did not wait) still yields, so a client
-            # pipelining requests answered at once cannot hold the event loop.
-            self._unyielded += 1
-            if self._unyielded >= YIELD_EVERY:
-                self._unyielded = 0
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        if deadline is None and event is not None and \
+                not isinstance(event, h11.RemoteProtocolError):
+            await self._count_unyielded()
             return event if isinstance(event, h11.Request) else None
-        idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout)
+        idle = self._idle_scope = trio.move_on_after(self.server.keep_alive_timeout) \
+            if deadline is None else trio.move_on_at(deadline)
         with idle:
             while True:
                 if isinstance(event, h11.RemoteProtocolError):
@@ -248,6 +333,40 @@ class _Connection:
                 except h11.RemoteProtocolError as exc:
                     event = exc
         return None  # keep-alive timeout (or a head that never completed)
+
+    async def _count_unyielded(self) -> None:
+        """A head served without a wait. No yield for each: the request then waits for its
+        upstream anyway. Every YIELD_EVERY-th (with the writes that did not wait) still
+        yields, so a client pipelining requests answered at once cannot hold the event loop."""
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _fast_head(self, buf: bytearray) -> object:
+        """The request head from ``buf`` and what the socket holds now (read into ``buf``,
+        never waiting): a :class:`_Head`; ``_WAIT`` when the rest is still to come; ``_GONE``
+        when the client closed or reset first; None when h11 must read this request (see
+        :func:`_parse_head`; a head that is not CRLF-framed or over ``MAX_HEAD``)."""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                return _parse_head(buf, end)
+            # What h11 reads differently, or refuses at once: bare LF line ends, an empty
+            # line or a control character first, a head too long.
+            if len(buf) > MAX_HEAD or (buf and buf[0] < 0x21) or \
+                    buf.count(b"\n") != buf.count(b"\r\n"):
+                return None
+            try:
+                got = os.read(self.fd, RECV_SIZE)
+            except BlockingIOError:
+                return _WAIT
+            except OSError:
+                got = b""
+            if not got:
+                self._peer_gone = True
+                return _GONE
+            buf += got
 
     def _head_now(self, h: h11.Connection) -> object | None:
         """Parse the request head from what is here, reading without waiting: h11's event (a
@@ -300,7 +419,7 @@ class _Connection:
             return None
         return data
 
-    async def _serve(self, request: h11.Request) -> bool:
+    async def _serve(self, request: h11.Request | _Head) -> bool:
         """Run the app for one request; True if the connection can take another."""
         target = request.target
         path, _, query = target.partition(b"?")
@@ -396,7 +515,9 @@ class _Connection:
             return _DISCONNECT
         while not self._body_done:
             h = self._h
-            assert h is not None
+            if h is None:  # a head parsed without h11 (_parse_head): no body
+                self._body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
             if h.they_are_waiting_for_100_continue and not self._started and \
                     not self._continued:
                 self._continued = True

@@ -66,3 +66,20 @@ def test_journal_floor_runs_every_mode() -> None:
     for events, per_event, per_flush, _checkpoints, _ratio in rows.values():
         assert int(events) == 10 * 30 * 2.5
         assert float(per_event) > 0 and float(per_flush) > float(per_event)
+
+
+def test_commit_floor_runs_every_mode() -> None:
+    """``benchmarks/commit_floor.py`` (a short stream's two durable commits) on tiny counts:
+    every mode journals every stream whole (the script reads each back and exits non-zero
+    otherwise) and reports a figure."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "commit_floor.py"), "--streams", "50",
+         "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"keepstream", "no-created-index", "without-rowid"}
+    for creation, terminal, both in rows.values():
+        assert float(creation) > 0 and float(terminal) > 0
+        assert abs(float(creation) + float(terminal) - float(both)) < 0.2

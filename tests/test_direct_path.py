@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from keepstream import Config, JournalConfig, Route, ServerConfig, open_proxy
+from keepstream._poller import UpstreamPoller
 from keepstream._supervisor import SINK_BLOCKED, SINK_REFUSED, SINK_TAKEN, LiveStream
 
 
@@ -74,7 +75,7 @@ class Recorder:
         self.gone = True
         self._event.set()
 
-    async def wait_client(self) -> bool:
+    async def wait_client(self, poller: UpstreamPoller | None = None) -> bool:
         if self.gone:
             return True
         self._event = trio.Event()

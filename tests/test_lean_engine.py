@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -562,6 +563,58 @@ async def test_paced_stream_takes_the_direct_path(
             assert sid is not None
             assert (await ks.wait_terminal(sid.decode()))["status"] == "completed"
     assert calls.count(SINK_TAKEN) >= 10, calls  # most events went the direct way
+
+
+async def test_a_relay_parked_on_the_poller_reads_ahead_and_sees_the_client_leave(
+    fake_upstream: FakeUpstream, journal_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a paced stream's relay is parked (the upstream poller watching the client's
+    socket): a request the client pipelines mid-stream is kept and answered after the
+    stream, on the same connection; a client that closes mid-stream is seen at once (its
+    record shows when), and the stream follows the route's policy (``finish``)."""
+    from keepstream import _h1
+
+    parks: list[bool] = []
+    original = _h1._Connection._park
+
+    async def counting(self: _h1._Connection, poller: Any, ahead: bytearray) -> bool:
+        parks.append(True)
+        return await original(self, poller, ahead)
+
+    monkeypatch.setattr(_h1._Connection, "_park", counting)
+    monkeypatch.setenv("KEEPSTREAM_ENGINE", "lean")
+    cfg = make_config(fake_upstream.url, journal_url)
+    head = ("GET /{} HTTP/1.1\r\nHost: x\r\nX-Fake-Events: 20\r\n"
+            "X-Fake-Interval: 0.01\r\n\r\n")
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            stream = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            await stream.send_all(head.format("first").encode())
+            buf = bytearray()
+            while b"data:" not in buf:  # the stream is running, its relay parked
+                buf += await stream.receive_some(65536)
+            await stream.send_all(head.format("second").encode())  # pipelined
+            first = await read_response(stream, buf)
+            second = await read_response(stream, buf)
+            await stream.aclose()
+            assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+            assert first.endswith(b"\r\n0\r\n\r\n") and second.endswith(b"\r\n0\r\n\r\n")
+            assert len(fake_upstream.exchanges) == 2
+            parked = len(parks)
+            assert parked >= 2
+
+            leaving = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            await leaving.send_all(head.format("leaving").encode())
+            buf = bytearray()
+            while b"data:" not in buf:
+                buf += await leaving.receive_some(65536)
+            sid = bytes(buf).split(b"keepstream-id: ")[1].split(b"\r\n")[0].decode()
+            await leaving.aclose()
+            row = await ks.wait_terminal(sid)
+            assert row["status"] == "completed"  # finish: the upstream read to its end
+            gone, ended = (datetime.fromisoformat(row[k]) for k in ("client_gone_at", "ended_at"))
+            assert (ended - gone).total_seconds() > 0.05  # seen mid-stream, not at its end
+    assert len(parks) > parked
 
 
 async def test_the_head_goes_out_before_any_body(

@@ -56,6 +56,7 @@ import h11
 import trio
 
 from ._app import DIRECT_EXTENSION, Message, Receive, Scope, Send
+from ._poller import UpstreamPoller
 from ._supervisor import SINK_BLOCKED, SINK_REFUSED, SINK_TAKEN
 
 log = logging.getLogger("keepstream")
@@ -201,8 +202,9 @@ class _Connection:
 
     __slots__ = (
         "_ahead", "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
-        "_head_only", "_http10", "_idle_scope", "_lock", "_peer_gone", "_pending", "_recv_scope",
-        "_response_done", "_started", "_unyielded", "client", "fd", "server", "sock",
+        "_head_only", "_http10", "_idle_scope", "_lock", "_parked", "_peer_gone", "_pending",
+        "_poller", "_recv_scope", "_response_done", "_started", "_unyielded", "client", "fd",
+        "server", "sock",
     )
 
     def __init__(self, server: _Server, sock: socket.socket,
@@ -216,6 +218,8 @@ class _Connection:
         self._unyielded = 0
         self._peer_gone = False
         self._h: h11.Connection | None = None  # while the request's head and body are read
+        self._parked: trio.lowlevel.Task | None = None  # the relay, in wait_client's poller park
+        self._poller: UpstreamPoller | None = None  # watching this socket for that park
         self._ahead: bytearray | None = None  # after the body: the next request's bytes
         self._http10 = False
         self._reset()
@@ -587,6 +591,7 @@ class _Connection:
                 self._response_done = True
                 if self._recv_scope is not None:
                     self._recv_scope.cancel()
+                self._resume()
                 if self._cl_left is None and not self._chunked and not self._head_only:
                     self._close = True  # close-delimited body
             if self._pending:
@@ -608,15 +613,88 @@ class _Connection:
 
     # -- the direct path (keepstream._supervisor.Direct) -----------------------------------
 
-    async def wait_client(self) -> bool:
+    async def wait_client(self, poller: UpstreamPoller | None = None) -> bool:
         """Until :meth:`wake` (or the end of the response); True when the client left. Reads
         what the client sends meanwhile as the next request's bytes (up to
         ``MAX_READ_AHEAD``), as :meth:`receive` does after the body. Only after the request
-        body was read whole."""
+        body was read whole.
+
+        With ``poller`` (the upstream poller, ``keepstream._poller``) the relay parks without
+        a cancel scope: the poller watches the socket (:meth:`on_readable`) and :meth:`wake`
+        reschedules the task. A cancel scope's wake (cancel, abort the epoll wait, unwind an
+        exception) cost about three times a reschedule, twice per short stream."""
         if self._peer_gone or self._broken:
+            await trio.lowlevel.checkpoint_if_cancelled()
             return True
         ahead = self._ahead
         assert ahead is not None and self._body_done
+        if poller is None or not await self._park(poller, ahead):
+            return await self._wait_client_scoped(ahead)
+        return self.client_gone()
+
+    async def _park(self, poller: UpstreamPoller, ahead: bytearray) -> bool:
+        """:meth:`wait_client` through ``poller``; False when it cannot (the poller stopped,
+        or the read-ahead is full): the caller then waits under a cancel scope."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._read_ahead(ahead) or self._response_done:
+            return True  # the client left (or the response ended) already
+        if len(ahead) >= MAX_READ_AHEAD or not poller.add(self.fd, self):
+            return False
+        self._poller = poller
+        self._parked = trio.lowlevel.current_task()
+        try:
+            await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+        finally:
+            self._unpark()
+        # Woken: what the client did meanwhile counts first. A close that arrived in the same
+        # moment as the wake (the poller would report it a scheduler pass later) is a client
+        # that left before this response went on (a half-close right after the request).
+        if not self._response_done and self._read_ahead(ahead):
+            return len(ahead) < MAX_READ_AHEAD  # full: wait the other way
+        return True
+
+    def _read_ahead(self, ahead: bytearray) -> bool:
+        """Take what the client sent into ``ahead``, never waiting; False once it left."""
+        while len(ahead) < MAX_READ_AHEAD:
+            try:
+                data = os.read(self.fd, RECV_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                self._peer_gone = True
+                return False
+            ahead += data
+        return True
+
+    def on_readable(self) -> None:
+        """The poller's call (``PollTarget``): the parked relay's client sent something."""
+        ahead = self._ahead
+        if ahead is None or not self._read_ahead(ahead) or len(ahead) >= MAX_READ_AHEAD:
+            self._resume()  # the client left, or the read-ahead is full
+
+    def on_poller_gone(self) -> None:
+        self._resume()  # the relay parks again, the other way (poller.add refuses now)
+
+    def _resume(self) -> None:
+        task = self._parked
+        if task is not None:
+            self._unpark()
+            trio.lowlevel.reschedule(task)
+
+    def _unpark(self) -> None:
+        self._parked = None
+        poller = self._poller
+        if poller is not None:
+            self._poller = None
+            poller.discard(self.fd)
+
+    def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
+        self._unpark()
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _wait_client_scoped(self, ahead: bytearray) -> bool:
         scope = trio.CancelScope()
         self._recv_scope = scope
         try:
@@ -635,6 +713,7 @@ class _Connection:
     def wake(self) -> None:
         if self._recv_scope is not None:
             self._recv_scope.cancel()
+        self._resume()
 
     def client_gone(self) -> bool:
         return self._peer_gone or self._broken  # broken: nothing more reaches the client

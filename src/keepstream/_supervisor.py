@@ -114,8 +114,9 @@ class Direct(Protocol):
         """End a :meth:`wait_client` in progress (called by the stream task)."""
         ...
 
-    async def wait_client(self) -> bool:
-        """Until :meth:`wake` or the client leaves; True when it left."""
+    async def wait_client(self, poller: UpstreamPoller | None = None) -> bool:
+        """Until :meth:`wake` or the client leaves; True when it left. ``poller``: the
+        upstream poller, which may watch the client's socket for the wait."""
         ...
 
     def client_gone(self) -> bool:
@@ -368,7 +369,7 @@ class LiveStream:
         sub.takes = takes
         self._parked += 1
         try:
-            return await direct.wait_client()
+            return await direct.wait_client(self.supervisor.poller)
         finally:
             self._unpark(sub)
 

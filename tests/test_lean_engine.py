@@ -612,7 +612,8 @@ async def test_a_relay_parked_on_the_poller_reads_ahead_and_sees_the_client_leav
             await leaving.aclose()
             row = await ks.wait_terminal(sid)
             assert row["status"] == "completed"  # finish: the upstream read to its end
-            gone, ended = (datetime.fromisoformat(row[k]) for k in ("client_gone_at", "ended_at"))
+            gone, ended = (datetime.fromisoformat(str(row[k]))
+                           for k in ("client_gone_at", "ended_at"))
             assert (ended - gone).total_seconds() > 0.05  # seen mid-stream, not at its end
     assert len(parks) > parked
 

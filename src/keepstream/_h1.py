@@ -361,16 +361,25 @@ class _Connection:
             if len(buf) > MAX_HEAD or (buf and buf[0] < 0x21) or \
                     buf.count(b"\n") != buf.count(b"\r\n"):
                 return None
-            try:
-                got = os.read(self.fd, RECV_SIZE)
-            except BlockingIOError:
+            got = self._read_now()
+            if got is None:
                 return _WAIT
-            except OSError:
-                got = b""
             if not got:
-                self._peer_gone = True
                 return _GONE
             buf += got
+
+    def _read_now(self) -> bytes | None:
+        """What the client sent, without waiting: None when nothing is there yet; ``b""``
+        (and the client marked gone) when it closed or reset."""
+        try:
+            got = os.read(self.fd, RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            got = b""
+        if not got:
+            self._peer_gone = True
+        return got
 
     def _head_now(self, h: h11.Connection) -> object | None:
         """Parse the request head from what is here, reading without waiting: h11's event (a
@@ -381,14 +390,10 @@ class _Connection:
             event = h.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            try:
-                got = os.read(self.fd, RECV_SIZE)
-            except BlockingIOError:
+            got = self._read_now()
+            if got is None:
                 return None
-            except OSError:
-                got = b""
             if not got:
-                self._peer_gone = True
                 return _GONE
             h.receive_data(got)
 
@@ -656,14 +661,10 @@ class _Connection:
     def _read_ahead(self, ahead: bytearray) -> bool:
         """Take what the client sent into ``ahead``, never waiting; False once it left."""
         while len(ahead) < MAX_READ_AHEAD:
-            try:
-                data = os.read(self.fd, RECV_SIZE)
-            except BlockingIOError:
+            data = self._read_now()
+            if data is None:
                 return True
-            except OSError:
-                data = b""
             if not data:
-                self._peer_gone = True
                 return False
             ahead += data
         return True

@@ -849,11 +849,14 @@ class JournalWriter:
             # scheduled).
             return self._flush_now()
         group = self._group = []
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        self._group = None
-        done = self._inline_possible() and self._flush_now()
-        if group:
-            self.grouped_commits += len(group)
+        done = False
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            done = self._inline_possible() and self._flush_now()
+        finally:
+            # Whatever happened, the waiters are told (False: they go commit()'s way).
+            self._group = None
+            self.grouped_commits += len(group) if done else 0
             for task in group:
                 trio.lowlevel.reschedule(task, outcome.Value(done))
         return done

@@ -83,3 +83,21 @@ def test_commit_floor_runs_every_mode() -> None:
     for creation, terminal, both in rows.values():
         assert float(creation) > 0 and float(terminal) > 0
         assert abs(float(creation) + float(terminal) - float(both)) < 0.2
+
+
+def test_connection_floor_runs_every_mode() -> None:
+    """``benchmarks/connection_floor.py`` (a short request's cost on trio and asyncio, no HTTP
+    library) on tiny counts: every mode answers every request byte for byte (the client
+    exits non-zero otherwise, and the script fails when fewer answers came back) and reports a
+    figure."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "connection_floor.py"), "--requests", "20",
+         "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"trio-server", "asyncio-server", "protocol-server", "trio-relay",
+                         "asyncio-relay", "protocol-relay"}
+    for cpu, p50, p99 in rows.values():
+        assert float(cpu) > 0 and 0 < float(p50) <= float(p99)

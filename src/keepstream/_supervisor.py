@@ -37,7 +37,7 @@ from ._record import Record, new_stream_id
 from ._rules import build_upstream_url, filter_response_headers
 from ._sse import SSEParser
 from ._state import Ending, Status, pick_ending, terminal_status
-from ._transport import RAW_BODY, _Body
+from ._transport import RAW_BODY, FastTransport, _Body
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -134,6 +134,15 @@ class Subscriber:
     takes: bool = False
     #: The direct path took bytes it could not write out at once (SINK_BLOCKED).
     must_flush: bool = False
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The first ``Content-Type`` value (b"" if none): what ``startswith`` sees of httpx's
+    ``headers.get("content-type")``, which joins repeated values after the first."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value
+    return b""
 
 
 class _ReadBody:
@@ -565,27 +574,50 @@ class LiveStream:
                     self.scope.deadline = min(
                         self._fixed_deadline, start + route.first_byte_timeout
                     )
-                    # ``client.stream()`` without its context-manager generator (one object
-                    # and frame less per open stream): the same build, send and close.
                     client = sup.client
-                    request = client.build_request(
-                        rec.method, self.url, headers=self.request_headers,
-                        content=self.request_body, timeout=sup.timeouts[route.prefix],
-                    )
-                    self.request_headers, self.request_body = [], b""  # the request holds them
-                    if sup.transport is not None:
-                        # The Response does not keep the Request (nor its headers and URL)
-                        # for the stream's life: keepstream reads nothing of it later.
-                        resp = await sup.transport.handle_async_request(request)
+                    transport = sup.transport
+                    url = self.url
+                    resp: httpx.Response | None = None
+                    if transport is not None and isinstance(url, httpx.URL) and \
+                            transport.can_open(url) and not client.headers and \
+                            not client.params and not client.cookies:
+                        # make_client's client adds nothing to a request (no default
+                        # headers, params or cookies): our transport writes the same bytes
+                        # build_request's Request would give, without that Request and the
+                        # Response (about 25 µs less per stream; see FastTransport.open).
+                        code, raw_headers, body = await transport.open(
+                            rec.method, url, self.request_headers, self.request_body,
+                            sup.timeout_dicts[route.prefix],
+                        )
+                        self.request_headers, self.request_body = [], b""
+                        close = body.aclose
+                        consumed = False
+                        raw: Any = body
                     else:
-                        resp = await client.send(request, stream=True)
-                    del request
-                    close = resp.aclose
+                        # ``client.stream()`` without its context-manager generator (one
+                        # object and frame less per open stream): the same build, send and
+                        # close.
+                        request = client.build_request(
+                            rec.method, url, headers=self.request_headers,
+                            content=self.request_body, timeout=sup.timeouts[route.prefix],
+                        )
+                        self.request_headers, self.request_body = [], b""  # request has them
+                        if transport is not None:
+                            # The Response does not keep the Request (nor its headers and
+                            # URL) for the stream's life: keepstream reads nothing of it later.
+                            resp = await transport.handle_async_request(request)
+                        else:
+                            resp = await client.send(request, stream=True)
+                        del request
+                        close = resp.aclose
+                        code = resp.status_code
+                        raw_headers = resp.headers.raw
+                        consumed = resp.is_stream_consumed
                     try:
-                        rec.upstream_status = self.upstream_status = resp.status_code
+                        rec.upstream_status = self.upstream_status = code
                         rec.first_byte_at = time.time()
-                        self.response_headers = filter_response_headers(resp.headers.raw)
-                        if resp.is_stream_consumed:
+                        self.response_headers = filter_response_headers(raw_headers)
+                        if consumed:
                             # Read before keepstream got it (``httpx.Response(200,
                             # content=...)``, as httpx.MockTransport handlers make, is read
                             # at construction): its content is decoded, so it is relayed
@@ -594,13 +626,13 @@ class LiveStream:
                                 (k, v) for k, v in self.response_headers
                                 if k != b"content-encoding"
                             ]
-                        ctype = resp.headers.get("content-type", "")
-                        if ctype.startswith("text/event-stream"):
+                        if _content_type(raw_headers).startswith(b"text/event-stream"):
                             self.is_sse = True
                             self.parser = SSEParser(
                                 max_line_bytes=sup.config.server.max_line_bytes,
                                 max_event_bytes=sup.config.server.max_event_bytes,
                             )
+                        del raw_headers
                         writer.touch(rec)
                         self._set_ready()
                         phase = "idle"
@@ -612,18 +644,19 @@ class LiveStream:
                         self._slack = idle_slack(self._idle)
                         self._armed = 0.0
                         self._rearm()
-                        raw = resp.extensions.get(RAW_BODY)
-                        if raw is None or resp.is_stream_consumed:
-                            # A transport of the embedder's; one whose Response was read
-                            # already gives its content (aiter_raw() would refuse).
-                            raw = _ReadBody(resp.content) if resp.is_stream_consumed else \
-                                resp.aiter_raw()
-                        elif sup.transport is not None:
-                            # From our own transport the Response is this frame's alone and
-                            # its aclose() only closes the body: the Response (its headers,
-                            # its extensions) need not live as long as the stream.
-                            close = raw.aclose
-                            del resp
+                        if resp is not None:
+                            raw = resp.extensions.get(RAW_BODY)
+                            if raw is None or consumed:
+                                # A transport of the embedder's; one whose Response was read
+                                # already gives its content (aiter_raw() would refuse).
+                                raw = _ReadBody(resp.content) if consumed else \
+                                    resp.aiter_raw()
+                            elif transport is not None:
+                                # From our own transport the Response is this frame's alone
+                                # and its aclose() only closes the body: the Response (its
+                                # headers, its extensions) need not live as long as the stream.
+                                close = raw.aclose
+                                resp = None
                         poller = sup.poller
                         if poller is None or not isinstance(raw, _Body) or not raw.pollable \
                                 or not await self._relay_polled(raw, poller):
@@ -704,7 +737,7 @@ class Supervisor:
         nursery: trio.Nursery,
         instance: str,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: FastTransport | None = None,
         poller: UpstreamPoller | None = None,
     ) -> None:
         self.config = config
@@ -712,7 +745,9 @@ class Supervisor:
         self.client = client
         #: ``client``'s transport, when ``client`` is keepstream's own (``make_client``: no
         #: hooks, auth, redirects or cookies): requests go to it directly, without the
-        #: client's send layers (the same request, built by ``client.build_request``).
+        #: client's send layers; while the client adds nothing to a request (no default
+        #: headers, params or cookies) through ``FastTransport.open``, without httpx's
+        #: ``Request`` and ``Response`` either (the same bytes upstream).
         self.transport = transport
         #: Reads the upstream sockets of waiting streams (``keepstream._poller``); None: each
         #: stream task waits for its own through trio.
@@ -742,6 +777,8 @@ class Supervisor:
                                     pool=config.server.pool_timeout)
             for r in config.routes
         }
+        #: The same as ``FastTransport.open`` takes them (``httpx.Timeout.as_dict()``).
+        self.timeout_dicts = {prefix: t.as_dict() for prefix, t in self.timeouts.items()}
         self._urls: dict[tuple[str, str, str, bytes], httpx.URL] = {}
 
     def upstream_url(self, route: Route, path: str, query: bytes) -> str | httpx.URL:

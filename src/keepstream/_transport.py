@@ -563,6 +563,38 @@ def _framing(
     return "close", 0, False
 
 
+def request_head(
+    method: bytes, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bytes:
+    """The request head httpx's ``Request(method, url, headers=headers, content=body)`` gives
+    (what :meth:`FastTransport.handle_async_request` writes for it), by httpx's
+    ``Request._prepare``: ``Host`` first unless ``headers`` has one; then ``Content-Length: 0``
+    for an empty POST, PUT or PATCH without ``Content-Length`` or ``Transfer-Encoding``;
+    ``headers`` as given; ``Content-Length`` last for a non-empty body unless ``headers`` has
+    one. ``method`` upper-case. tests/test_transport_open.py holds the two to the same
+    bytes."""
+    head = [method, b" ", url.raw_path, b" HTTP/1.1\r\n"]
+    host = length = chunked = False
+    for name, _ in headers:
+        low = name.lower()
+        if low == b"host":
+            host = True
+        elif low == b"content-length":
+            length = True
+        elif low == b"transfer-encoding":
+            chunked = True
+    if not host and url.host:
+        head += [b"Host: ", url.netloc, b"\r\n"]
+    if not body and not length and not chunked and method in (b"POST", b"PUT", b"PATCH"):
+        head.append(b"Content-Length: 0\r\n")
+    for name, value in headers:
+        head += [name, b": ", value, b"\r\n"]
+    if body and not length:
+        head += [b"Content-Length: ", b"%d" % len(body), b"\r\n"]
+    head.append(b"\r\n")
+    return b"".join(head)
+
+
 class FastTransport(httpx.AsyncBaseTransport):
     """See the module docstring. ``fallback`` serves every scheme but ``http``."""
 
@@ -703,10 +735,43 @@ class FastTransport(httpx.AsyncBaseTransport):
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
         body = await request.aread()
+        status, reason, headers, http11, stream = await self._exchange(
+            method, url, b"".join(head) + body, timeouts)
+        return httpx.Response(
+            status, headers=headers, stream=stream,
+            extensions={"http_version": b"HTTP/1.1" if http11 else b"HTTP/1.0",
+                        "reason_phrase": reason, RAW_BODY: stream},
+        )
+
+    def can_open(self, url: httpx.URL) -> bool:
+        """:meth:`open` serves ``url`` (``http://``; others go through httpx's Request)."""
+        return url.scheme == "http" and not self._closed
+
+    async def open(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
+        timeouts: dict[str, Any],
+    ) -> tuple[int, list[tuple[bytes, bytes]], _Body]:
+        """:meth:`handle_async_request` for the request that ``build_request(method, url,
+        headers=headers, content=body)`` of an ``httpx.AsyncClient`` with no default headers,
+        cookies or params (as ``make_client`` makes it) would give, without its ``Request`` and
+        ``Response`` objects: the same bytes go upstream (:func:`request_head`); returns the
+        status, the raw response headers and the body. ``url`` must pass :meth:`can_open`.
+        ``timeouts``: ``httpx.Timeout.as_dict()``."""
+        method_b = method.upper().encode("ascii")
+        status, _, raw, _, stream = await self._exchange(
+            method_b, url, request_head(method_b, url, headers, body) + body, timeouts)
+        return status, raw, stream
+
+    async def _exchange(
+        self, method: bytes, url: httpx.URL, data: bytes, timeouts: dict[str, Any]
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool, _Body]:
+        """Send ``data`` (a whole request) on a pooled connection and read the response head:
+        (status, reason, raw headers, HTTP/1.1-ness, the body)."""
         key = (url.host, url.port or 80)
         conn = await self._acquire(key, timeouts)
         try:
-            await conn.send_all(b"".join(head) + body, _deadline(timeouts.get("write")))
+            await conn.send_all(data, _deadline(timeouts.get("write")))
+            del data
             read_deadline = _deadline(timeouts.get("read"))
             buf = b""
             while True:
@@ -714,11 +779,11 @@ class FastTransport(httpx.AsyncBaseTransport):
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         raise httpx.RemoteProtocolError("upstream response head too large")
-                    data = await conn.recv(read_deadline)
-                    if not data:
+                    got = await conn.recv(read_deadline)
+                    if not got:
                         raise httpx.RemoteProtocolError(
                             "upstream closed the connection without sending a response")
-                    buf += data
+                    buf += got
                     continue
                 status, reason, headers, http11 = _parse_head(buf[:end])
                 buf = buf[end + 4 :]
@@ -734,11 +799,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         if framing == "none" and buf:
             reusable = False  # bytes after a bodiless response: do not reuse
         stream = _Body(self, conn, buf, framing, length, reusable, timeouts.get("read"))
-        return httpx.Response(
-            status, headers=headers, stream=stream,
-            extensions={"http_version": b"HTTP/1.1" if http11 else b"HTTP/1.0",
-                        "reason_phrase": reason, RAW_BODY: stream},
-        )
+        return status, reason, headers, http11, stream
 
     async def aclose(self) -> None:
         self._closed = True

@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol
 
 import outcome
@@ -239,6 +240,10 @@ _MUTABLE = (
 # (the failed insert, then every column and both indexes rewritten), and a busy journal
 # rewrites every open stream's row on each flush.
 _UPDATE = f"UPDATE streams SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
+#: A row's parameters for ``_UPDATE`` and ``_UPSERT``, taken in C (a generator over the
+#: columns cost a Python step per column).
+_UPDATE_ARGS = itemgetter(*_MUTABLE, "id")
+_UPSERT_ARGS = itemgetter(*_COLUMNS)
 
 #: What a flush changes in an open stream's row when nothing else happened to it: its progress.
 #: The SQLite journal keeps it in the flush's chunk row (``chunks.events``,
@@ -579,14 +584,12 @@ class SQLiteBackend:
         for i, row in enumerate(batch.rows):
             (known if i < len(stored) and stored[i] else fresh).append(row)
         if known:
-            cur = conn.executemany(
-                _UPDATE, [(*(row[c] for c in _MUTABLE), row["id"]) for row in known]
-            )
+            cur = conn.executemany(_UPDATE, [_UPDATE_ARGS(row) for row in known])
             if cur.rowcount != len(known):
                 # A row gone since (pruned, or deleted by hand): write those rows whole.
                 fresh += known
         if fresh:
-            conn.executemany(_UPSERT, [tuple(row[c] for c in _COLUMNS) for row in fresh])
+            conn.executemany(_UPSERT, [_UPSERT_ARGS(row) for row in fresh])
 
     def get(self, stream_id: str) -> dict[str, Any] | None:
         conn = self._reader
@@ -1053,14 +1056,12 @@ class JournalWriter:
         backend = self.backend
         if not backend.threaded or self._inflight_bytes > backend.inline_bytes:
             return False  # an unthreaded backend's commit is a plain call already (_call)
-        try:
-            self._w_limiter.acquire_nowait()
-        except trio.WouldBlock:
-            return False
-        try:
-            return backend.try_commit_inline(batch)
-        finally:
-            self._w_limiter.release()
+        if self._w_limiter.borrowed_tokens:
+            return False  # a worker thread has the writer connection
+        # No acquire and release around it: the commit is one synchronous call, so no task
+        # can take the limiter meanwhile, and a thread only ever gets the writer connection
+        # through it (about 8 µs less per commit than holding it).
+        return backend.try_commit_inline(batch)
 
     def _flush_now(self) -> bool:
         """:meth:`commit`'s shortcut: the whole flush, synchronously, in the caller's task

@@ -8,6 +8,7 @@ does for the fault matrix).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 from keepstream import ServerConfig
+from keepstream._app import DIRECT_EXTENSION
 from keepstream._h1 import serve_lean
 from keepstream._supervisor import SINK_TAKEN
 from keepstream.testing import FakeUpstream, chaos_request, run_keepstream
@@ -641,3 +643,31 @@ async def test_the_head_goes_out_before_any_body(
             await stream.aclose()
             rec = await ks.wait_terminal(sid)
             assert rec["client_gone_at"] is not None and rec["status"] == "cancelled"
+
+
+async def test_connections_are_bare_descriptors_non_blocking_no_delay_and_closed() -> None:
+    """The accept loop keeps only each connection's descriptor: it is non-blocking, has
+    TCP_NODELAY (set once on the listener, which Linux passes to every accepted socket), and
+    is closed when the connection ends (no descriptor left behind after many)."""
+    seen: list[tuple[bool, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        fd = scope["extensions"][DIRECT_EXTENSION].fd
+        probe = socket.socket(fileno=os.dup(fd))
+        try:
+            seen.append((os.get_blocking(fd),
+                         probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+        finally:
+            probe.close()
+        await hello(scope, receive, send)
+
+    async with lean(app) as (port, _):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 200 ")
+        with trio.fail_after(5):
+            while len(os.listdir("/proc/self/fd")) > before:
+                await trio.sleep(0.01)
+    assert seen == [(False, 1)] * 20

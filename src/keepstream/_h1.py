@@ -204,14 +204,14 @@ class _Connection:
         "_ahead", "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
         "_head_only", "_http10", "_idle_scope", "_lock", "_parked", "_peer_gone", "_pending",
         "_poller", "_recv_scope", "_response_done", "_started", "_unyielded", "client", "fd",
-        "server", "sock",
+        "server",
     )
 
-    def __init__(self, server: _Server, sock: socket.socket,
-                 client: tuple[str, int] | None) -> None:
+    def __init__(self, server: _Server, fd: int, client: tuple[str, int] | None) -> None:
         self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()  # non-blocking: os.write() never waits
+        #: The connection's socket, as a descriptor only (no socket object: see accept_loop);
+        #: non-blocking, so os.read() and os.write() never wait. Closed by run().
+        self.fd = fd
         self.client = client
         self._idle_scope: trio.CancelScope | None = None  # while waiting for a request head
         self._lock: trio.Lock | None = None  # made by the first write that has to wait
@@ -254,8 +254,8 @@ class _Connection:
             log.warning("keepstream: a connection failed in the lean engine; closed it",
                         exc_info=True)
         finally:
-            trio.lowlevel.notify_closing(self.sock)  # as trio's close(): no waiter is left
-            self.sock.close()
+            trio.lowlevel.notify_closing(self.fd)  # as trio's close(): no waiter is left
+            os.close(self.fd)
 
     async def _requests(self) -> None:
         srv = self.server
@@ -858,6 +858,12 @@ async def serve_lean(
     Once ``close_trigger`` (if given) returns, keep-alive ends while accepting goes on: every
     connection (a new one too) closes after its next response, with ``Connection: close``."""
     sock.setblocking(False)  # accepted on directly (accept_loop)
+    try:
+        # Set once here: Linux gives an accepted TCP socket its listener's TCP_NODELAY, which
+        # saves a setsockopt() per connection (tests/test_lean_engine.py checks it).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP
     name = sock.getsockname()
     host, port = name[0], name[1]
     server = _Server(app, keep_alive_timeout, graceful_timeout, (host, port))
@@ -875,7 +881,10 @@ async def serve_lean(
                 # yields after each one, so a connection flood cannot hold the event loop.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    client, addr = sock.accept()
+                    # The descriptor alone: a socket object would cost a getsockname() and
+                    # Python-level enum conversions per connection, and the connection only
+                    # ever reads, writes and closes it (os.read, os.write, os.close).
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]
                 except BlockingIOError:
                     run = 0
                     await trio.lowlevel.wait_readable(sock)
@@ -890,13 +899,13 @@ async def serve_lean(
                         await trio.sleep(0.1)
                         continue
                     raise
-                client.setblocking(False)
                 try:
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-                peer = (addr[0], addr[1]) if isinstance(addr, tuple) else None
-                connections.start_soon(_Connection(server, client, peer).run)
+                    os.set_blocking(fd, False)  # (TCP_NODELAY comes from the listener)
+                    peer = (addr[0], addr[1]) if isinstance(addr, tuple) else None
+                    connections.start_soon(_Connection(server, fd, peer).run)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 run += 1
                 if run >= YIELD_EVERY:
                     run = 0

@@ -175,11 +175,12 @@ class _Date:
 
 
 _date = _Date()
+_INF = float("inf")
 
 
 class _Server:
     __slots__ = ("app", "closing", "graceful_timeout", "idle", "keep_alive_timeout", "server",
-                 "terminated")
+                 "terminated", "tick")
 
     def __init__(self, app: App, keep_alive_timeout: float, graceful_timeout: float,
                  server: tuple[str, int] | None) -> None:
@@ -190,21 +191,35 @@ class _Server:
         self.terminated = False
         self.closing = False  # keep-alive is over: each connection closes after its response
         self.idle: set[_Connection] = set()  # waiting for a request head
+        #: How often :meth:`sweep` looks for keep-alive waits past their deadline: the timeout
+        #: fires between ``keep_alive_timeout`` and that plus one tick.
+        self.tick = max(0.01, min(1.0, keep_alive_timeout / 8))
 
     def terminate(self) -> None:
         self.terminated = self.closing = True
         for conn in list(self.idle):
             conn.close_idle()
 
+    async def sweep(self) -> None:
+        """End the keep-alive waits past their deadline (:meth:`_Connection._wait_head`), every
+        ``tick``. One task for all of them, instead of a cancel scope and a deadline per wait:
+        the wait for a new connection's first head is one of the few a short request has."""
+        while True:
+            await trio.sleep(self.tick)
+            now = trio.current_time()
+            for conn in list(self.idle):
+                if conn._deadline <= now:
+                    conn._cut_wait()
+
 
 class _Connection:
     """One client connection: requests in turn, the app run in this task."""
 
     __slots__ = (
-        "_ahead", "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_h",
-        "_head_only", "_http10", "_idle_scope", "_lock", "_parked", "_peer_gone", "_pending",
-        "_poller", "_recv_scope", "_response_done", "_started", "_unyielded", "client", "fd",
-        "server",
+        "_ahead", "_body_done", "_broken", "_chunked", "_cl_left", "_close", "_continued", "_cut",
+        "_deadline", "_h", "_head_only", "_http10", "_idle_scope", "_lock", "_parked", "_peer_gone",
+        "_pending", "_poller", "_recv_scope", "_response_done", "_started", "_unyielded", "client",
+        "fd", "server",
     )
 
     def __init__(self, server: _Server, fd: int, client: tuple[str, int] | None) -> None:
@@ -213,7 +228,9 @@ class _Connection:
         #: non-blocking, so os.read() and os.write() never wait. Closed by run().
         self.fd = fd
         self.client = client
-        self._idle_scope: trio.CancelScope | None = None  # while waiting for a request head
+        self._idle_scope: trio.CancelScope | None = None  # while h11 waits for a request head
+        self._deadline = _INF  # of the keep-alive wait in progress (_wait_head)
+        self._cut = False  # that wait was ended (timeout, shutdown): the connection closes
         self._lock: trio.Lock | None = None  # made by the first write that has to wait
         self._unyielded = 0
         self._peer_gone = False
@@ -244,6 +261,13 @@ class _Connection:
         has one; a busy connection finishes its response first)."""
         if self._idle_scope is not None:
             self._idle_scope.cancel()
+        self._cut_wait()
+
+    def _cut_wait(self) -> None:
+        """End :meth:`_wait_head`'s wait, now or as soon as it begins: the connection closes."""
+        self._cut = True
+        if self._deadline != _INF:
+            trio.lowlevel.notify_closing(self.fd)  # its wait_readable raises ClosedResourceError
 
     async def run(self) -> None:
         try:
@@ -293,11 +317,7 @@ class _Connection:
         event: object | None = None if closed else self._fast_head(buf)
         if event is _WAIT:
             deadline = trio.current_time() + self.server.keep_alive_timeout
-            idle = self._idle_scope = trio.move_on_at(deadline)
-            with idle:
-                while event is _WAIT:
-                    await trio.lowlevel.wait_readable(self.fd)
-                    event = self._fast_head(buf)
+            event = await self._wait_head(buf, deadline)
             if event is _WAIT:
                 return None  # keep-alive timeout (or shutdown)
         if isinstance(event, _Head):
@@ -337,6 +357,24 @@ class _Connection:
                 except h11.RemoteProtocolError as exc:
                     event = exc
         return None  # keep-alive timeout (or a head that never completed)
+
+    async def _wait_head(self, buf: bytearray, deadline: float) -> object:
+        """:meth:`_fast_head` once the socket is readable, until it gives more than ``_WAIT``
+        or the wait is cut: at ``deadline`` by :meth:`_Server.sweep`, or by shutdown
+        (:meth:`close_idle`); then ``_WAIT``. No cancel scope: a cut is a ``notify_closing``
+        of the socket, which the connection closes next."""
+        event: object = _WAIT
+        self._deadline = deadline
+        try:
+            while event is _WAIT and not self._cut:
+                try:
+                    await trio.lowlevel.wait_readable(self.fd)
+                except trio.ClosedResourceError:
+                    break  # cut
+                event = self._fast_head(buf)
+        finally:
+            self._deadline = _INF
+        return event
 
     async def _count_unyielded(self) -> None:
         """A head served without a wait. No yield for each: the request then waits for its
@@ -913,6 +951,7 @@ async def serve_lean(
 
         async with trio.open_nursery() as accepting:
             accepting.start_soon(accept_loop)
+            accepting.start_soon(server.sweep)
             if close_trigger is not None:
 
                 async def end_keep_alive(trigger: Callable[[], Awaitable[Any]]) -> None:

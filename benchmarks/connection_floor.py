@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import socket
 import statistics
 import time
 
 import trio
+from wakeup_floor import _cpu, _pin  # (this directory: run as a script)
 
 MODES = ("trio-server", "asyncio-server", "protocol-server",
          "trio-relay", "asyncio-relay", "protocol-relay")
@@ -44,16 +44,6 @@ BODY = b"data: " + b"x" * 92 + b"\n\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: "
             + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
 HEAD_END = b"\r\n\r\n"
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
 
 
 def _fork(child: object, *args: object) -> int:

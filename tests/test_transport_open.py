@@ -22,7 +22,7 @@ from keepstream._config import JournalConfig
 from keepstream._proxy import make_client
 from keepstream._transport import FastTransport, request_head
 
-from .test_transport import read_request, start
+from .test_transport import RawServer, read_request, start
 
 _CONFIG = Config(routes=(Route(prefix="/", upstream="http://127.0.0.1:9/"),))
 _NAMES = [b"host", b"Host", b"HOST", b"content-length", b"Content-Length", b"accept",
@@ -65,18 +65,25 @@ def test_open_writes_the_head_build_request_gives(
         _httpx_head(request)
 
 
-async def test_open_and_handle_async_request_send_the_same_bytes(
-    nursery: trio.Nursery,
-) -> None:
+async def _recording(nursery: trio.Nursery, rest: bytes) -> tuple[RawServer, list[bytes]]:
+    """An upstream that records each request and answers an SSE response (its framing and
+    body: ``rest``)."""
     seen: list[bytes] = []
 
     async def handler(stream: trio.SocketStream, n: int) -> None:
         while req := await read_request(stream):
             seen.append(req)
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                  b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + rest)
 
-    server = await start(nursery, handler)
+    return await start(nursery, handler), seen
+
+
+async def test_open_and_handle_async_request_send_the_same_bytes(
+    nursery: trio.Nursery,
+) -> None:
+    server, seen = await _recording(nursery, b"Transfer-Encoding: chunked\r\n\r\n"
+                                              b"3\r\nabc\r\n0\r\n\r\n")
     transport = FastTransport()
     url = httpx.URL(f"http://127.0.0.1:{server.port}/v1/s?x=1")
     headers = [(b"accept", b"text/event-stream"), (b"x-a", b"1")]
@@ -104,15 +111,7 @@ async def test_a_client_with_a_default_header_goes_the_build_request_way(
 ) -> None:
     """The shortcut is only for a client that adds nothing: an embedder's default header on
     keepstream's own client still reaches the upstream."""
-    seen: list[bytes] = []
-
-    async def handler(stream: trio.SocketStream, n: int) -> None:
-        while req := await read_request(stream):
-            seen.append(req)
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                  b"Content-Length: 9\r\n\r\ndata: 1\n\n")
-
-    server = await start(nursery, handler)
+    server, seen = await _recording(nursery, b"Content-Length: 9\r\n\r\ndata: 1\n\n")
     cfg = Config(routes=(Route(prefix="/", upstream=f"http://127.0.0.1:{server.port}/"),),
                  journal=JournalConfig(url="memory:"))
     with trio.fail_after(10):

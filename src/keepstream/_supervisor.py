@@ -96,7 +96,6 @@ _POLL_WAIT = 0  # nothing: wait on
 _POLL_DONE = 1  # the body ended, or failed (``_poll_error``)
 _POLL_ROOM = 2  # the journal is over its backlog: wait for room
 _POLL_GONE = 3  # the poller stopped: read through trio
-_POLL_CANCELLED = 4  # the stream's scope was cancelled
 
 
 class Direct(Protocol):
@@ -462,14 +461,14 @@ class LiveStream:
             self.scope.deadline = self._fixed_deadline
             self._armed = 0.0
             return True
-        now = trio.current_time()
+        now = self.supervisor.clock.current_time()
         if now + self._idle > self._armed:
             self._armed = now + self._idle + self._slack
             self.scope.deadline = min(self._fixed_deadline, self._armed)
         return False
 
     def _rearm(self) -> None:
-        now = trio.current_time()
+        now = self.supervisor.clock.current_time()
         if now + self._idle > self._armed:
             self._armed = now + self._idle + self._slack
             self.scope.deadline = min(self._fixed_deadline, self._armed)
@@ -483,6 +482,7 @@ class LiveStream:
         self._poll_body = body
         try:
             if body._first:
+                await trio.lowlevel.checkpoint_if_cancelled()  # (on_readable does not check)
                 self.on_readable()  # the body bytes read with the head
             while True:
                 if self._poll_state == _POLL_WAIT:
@@ -509,14 +509,18 @@ class LiveStream:
                         return True
                 elif state == _POLL_GONE:
                     return False
-                elif state == _POLL_CANCELLED:
-                    await trio.lowlevel.checkpoint()  # raises the scope's Cancelled
         finally:
             self._poll_body = None
             self._poll_error = None
 
     def _abort_poll(self, _: Any) -> trio.lowlevel.Abort:
+        # Cancelled (the scope's deadline, stop(), shutdown): nothing more is read. The socket
+        # is watched only while this task is parked, so letting it go here is what keeps
+        # on_readable from reading for a stream that is ending, without a check per read.
         self._poll_task = None
+        body = self._poll_body
+        if body is not None:
+            self.supervisor.poller.discard(body.fd)  # type: ignore[union-attr]
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _end_poll(self, state: int) -> None:
@@ -530,10 +534,8 @@ class LiveStream:
 
     def on_readable(self) -> None:
         """The poller's call (``keepstream._poller.PollTarget``): one read of the body,
-        relayed and journalled, in the poller task; never raises ``Exception``."""
-        if self.scope.cancel_called:
-            self._end_poll(_POLL_CANCELLED)  # read nothing more: the stream is ending
-            return
+        relayed and journalled, in the poller task; never raises ``Exception``. Only called
+        while the stream task is parked (a cancellation lets the socket go: ``_abort_poll``)."""
         body = self._poll_body
         assert body is not None
         try:
@@ -749,6 +751,9 @@ class Supervisor:
         #: headers, params or cookies) through ``FastTransport.open``, without httpx's
         #: ``Request`` and ``Response`` either (the same bytes upstream).
         self.transport = transport
+        #: The run's clock (``trio.current_time()`` is three Python calls on top of its
+        #: ``current_time()``): the per-chunk deadline re-arm reads it directly.
+        self.clock = trio.lowlevel.current_clock()
         #: Reads the upstream sockets of waiting streams (``keepstream._poller``); None: each
         #: stream task waits for its own through trio.
         self.poller = poller

@@ -119,6 +119,47 @@ def test_decoder_long_runs_take_the_fast_path_mid_read(
         assert got == b"".join(chunks)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=8),
+    exts=st.lists(st.booleans(), min_size=1, max_size=3),
+    upper=st.booleans(),
+    zeros=st.integers(min_value=0, max_value=3),
+)
+def test_decoder_one_whole_chunk_per_read(
+    chunks: list[bytes], exts: list[bool], upper: bool, zeros: int
+) -> None:
+    """Each read exactly one chunk (a paced stream's usual read, which ``feed`` takes in a
+    shortcut): the same body as any other chunking, sizes in either case and with leading
+    zeros, with or without extensions; the last chunk still ends the body."""
+    reads = []
+    for i, c in enumerate(chunks):
+        size = (f"{len(c):X}" if upper else f"{len(c):x}").encode()
+        ext = b";name=value" if exts[i % len(exts)] else b""
+        reads.append(b"0" * zeros + size + ext + b"\r\n" + c + b"\r\n")
+    reads.append(b"0\r\n\r\n")  # the last chunk
+    dec = _ChunkedDecoder()
+    got = [dec.feed(r) for r in reads]
+    assert got[:-1] == chunks  # one read, one chunk's data
+    assert got[-1] == b"" and dec.done and dec.leftover == b""
+
+
+def test_decoder_one_read_that_looks_like_one_chunk_but_is_not() -> None:
+    """Reads the shortcut must leave to the general loop: a wrong size, a missing CRLF, a
+    size with blanks, the last chunk, a read that holds more than one chunk."""
+    for wire, body in [
+        (b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", b"abcde"),  # two chunks in one read
+        (b"3 \r\nabc\r\n0\r\n\r\n", b"abc"),  # a blank after the size (h11 takes it)
+    ]:
+        dec = _ChunkedDecoder()
+        assert dec.feed(wire) == body and dec.done
+    dec = _ChunkedDecoder()
+    assert dec.feed(b"4\r\nabc\r\n") == b"abc\r\n"[:4]  # the size says 4: CRLF is data
+    assert not dec.done
+    with pytest.raises(httpx.RemoteProtocolError):
+        _ChunkedDecoder().feed(b"2\r\nabc\r\n")  # no CRLF after the 2 bytes
+
+
 def test_decoder_one_byte_at_a_time() -> None:
     body = [b"data: x\r\n\r\n", b"\r\n", b"y" * 1000]
     wire = _encode(body, [True, False], [b"x: y"])

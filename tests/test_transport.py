@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -390,6 +391,35 @@ async def test_connection_close_and_stale_connections_are_not_reused(
                 assert (await client.get(url)).content == b"ok"
                 await trio.sleep(0.05)  # let the server's close arrive
     assert server.accepted == 3
+
+
+async def test_an_ip_literal_is_resolved_once_a_name_for_every_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request here opens a new connection (``Connection: close``): an IP-literal
+    host's address comes from getaddrinfo once (it cannot change), a name's is looked up
+    again for each connection (DNS may move it)."""
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                              b"Connection: close\r\n\r\nok")
+
+    looked_up: list[str] = []
+    real = trio.socket.getaddrinfo
+
+    async def spy(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return await real(host, port, *args, **kwargs)
+
+    server = await start(nursery, handler)  # (its listener's own lookup not counted)
+    monkeypatch.setattr(trio.socket, "getaddrinfo", spy)
+    with trio.fail_after(5):
+        async with httpx.AsyncClient(transport=FastTransport()) as client:
+            for host in ("127.0.0.1", "127.0.0.1", "127.0.0.1", "localhost", "localhost"):
+                r = await client.get(f"http://{host}:{server.port}/")
+                assert r.content == b"ok"
+    assert server.accepted == 5
+    assert looked_up == ["127.0.0.1", "localhost", "localhost"]
 
 
 @pytest.mark.parametrize("framing", ["chunked", "length"])

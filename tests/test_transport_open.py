@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from keepstream import Config, Route, open_proxy
 from keepstream._config import JournalConfig
 from keepstream._proxy import make_client
+from keepstream._state import Ending, Status
 from keepstream._transport import FastTransport, request_head
 
 from .test_transport import RawServer, read_request, start
@@ -126,3 +127,103 @@ async def test_a_client_with_a_default_header_goes_the_build_request_way(
     assert len(seen) == 2
     assert b"x-default" not in seen[0].lower() and b"x-a: 1\r\n" in seen[0]
     assert b"x-default: on\r\n" in seen[1] and b"x-a: 1\r\n" in seen[1]
+
+
+# -- send_now: the request written before its reader waits -------------------------------------
+
+
+async def test_send_now_writes_what_open_would_and_open_reads_its_answer(
+    nursery: trio.Nursery,
+) -> None:
+    """On an idle pooled connection ``send_now`` writes, at once and without a checkpoint,
+    the bytes ``open`` writes for the same arguments; ``open`` then reads that request's
+    answer on that connection. With no idle connection it writes nothing (None)."""
+    server, seen = await _recording(nursery, b"Transfer-Encoding: chunked\r\n\r\n"
+                                              b"3\r\nabc\r\n0\r\n\r\n")
+    transport = FastTransport()
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/v1/s?x=1")
+    headers = [(b"accept", b"text/event-stream"), (b"x-a", b"1")]
+    timeouts = httpx.Timeout(5.0).as_dict()
+    with trio.fail_after(5):
+        assert transport.send_now("post", url, headers, b"{}") is None  # nothing pooled
+        status, _, body = await transport.open("post", url, headers, b"{}", timeouts)
+        assert b"".join([piece async for piece in body]) == b"abc"
+        await body.aclose()  # the connection is idle in the pool now
+        sent = transport.send_now("post", url, headers, b"{}")
+        assert sent is not None and sent.rest == b""  # the socket took all of it
+        status, raw, body = await transport.open("ignored", url, [], b"", timeouts, sent)
+        assert status == 200 and (b"Content-Type", b"text/event-stream") in raw
+        assert b"".join([piece async for piece in body]) == b"abc"
+        await body.aclose()
+        await transport.aclose()
+    assert server.accepted == 1
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert seen[1].startswith(b"POST /v1/s?x=1 HTTP/1.1\r\n") and seen[1].endswith(b"{}")
+
+
+async def test_a_request_sent_early_and_discarded_closes_its_connection(
+    nursery: trio.Nursery,
+) -> None:
+    closed = trio.Event()
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        closed.set()  # read_request gave b"": the proxy side closed the connection
+
+    server = await start(nursery, handler)
+    transport = FastTransport()
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/")
+    timeouts = httpx.Timeout(5.0).as_dict()
+    with trio.fail_after(5):
+        _, _, body = await transport.open("GET", url, [], b"", timeouts)
+        assert b"".join([piece async for piece in body]) == b"ok"
+        await body.aclose()
+        sent = transport.send_now("GET", url, [], b"")
+        assert sent is not None
+        transport.discard(sent)
+        await closed.wait()
+    assert transport._n_conns == 0 and transport._n_idle == 0
+
+
+async def test_a_stream_asks_its_upstream_before_its_task_runs(nursery: trio.Nursery) -> None:
+    """Through the proxy: once a kept-alive upstream connection is idle, a new stream's
+    request is on it when ``start_stream`` returns (before the stream task's first step),
+    and the stream reads its answer; a stream stopped before its task ran closes that
+    connection and still ends with a terminal record."""
+    got = trio.Event()
+    requests: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while req := await read_request(stream):
+            requests.append(req)
+            got.set()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                  b"Content-Length: 9\r\n\r\ndata: 1\n\n")
+
+    server = await start(nursery, handler)
+    cfg = Config(routes=(Route(prefix="/", upstream=f"http://127.0.0.1:{server.port}/"),),
+                 journal=JournalConfig(url="memory:"))
+    with trio.fail_after(10):
+        async with open_proxy(cfg) as proxy:
+            async with proxy.open_stream("GET", "/s") as h:  # leaves the connection idle
+                assert b"".join([piece async for piece in h]) == b"data: 1\n\n"
+            sup = proxy.supervisor
+            route = cfg.routes[0]
+            url = sup.upstream_url(route, "/s", b"")
+            for stop_first in (False, True):
+                got = trio.Event()
+                stream = await sup.start_stream(route, "GET", "/s", url, [], b"")
+                # No checkpoint since start_stream returned: the stream task has not run.
+                assert stream._sent is not None
+                if stop_first:
+                    stream.stop(Ending.CLIENT_GONE_CANCEL, "stopped before its task ran")
+                await got.wait()  # the upstream has the request
+                await stream.done.wait()
+                assert stream.record.status is (
+                    Status.CANCELLED if stop_first else Status.COMPLETED)
+            assert len(requests) == 3 and requests[1] == requests[2] == requests[0]
+            assert server.accepted == 1  # one connection, used by all three
+            transport = sup.transport
+            # ... and closed with the stopped stream, not put back in the pool.
+            assert transport is not None and transport._n_conns == transport._n_idle == 0

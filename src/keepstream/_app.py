@@ -363,6 +363,12 @@ class KeepstreamApp:
             stream = await self.supervisor.start_stream(
                 route, method, safe_path, url, upstream_headers, body,
                 detached=detached, owner=credential_hash(_header(headers, self._cred_header)),
+                # Not through Hypercorn: its client's FIN reaches the app a few scheduler
+                # passes after the request (through its reader task and receive()), and a
+                # request written sooner can have its answer first; a client that half-closes
+                # right after its request must still count as gone before any response
+                # (docs/flow.md). The lean engine reads the client at the relay's park.
+                send_early=detached or DIRECT_EXTENSION in scope.get("extensions", {}),
             )
         except StreamRefused as exc:
             await send_error(send, exc.status, exc.message, retry_after=exc.retry_after,

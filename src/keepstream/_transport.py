@@ -381,6 +381,19 @@ class _ChunkedDecoder:
         return end
 
 
+class Sent:
+    """A request written (or begun) on an idle pooled connection before its reader waits for
+    the answer (:meth:`FastTransport.send_now`); :meth:`FastTransport.open` takes it on, or
+    :meth:`FastTransport.discard` closes it."""
+
+    __slots__ = ("conn", "method", "rest")
+
+    def __init__(self, conn: _Conn, method: bytes, rest: bytes) -> None:
+        self.conn = conn
+        self.method = method
+        self.rest = rest  # what the socket did not take at once
+
+
 class _Body(httpx.AsyncByteStream):
     """The response body; returns its connection to the pool when read to a clean end.
 
@@ -777,30 +790,69 @@ class FastTransport(httpx.AsyncBaseTransport):
         """:meth:`open` serves ``url`` (``http://``; others go through httpx's Request)."""
         return url.scheme == "http" and not self._closed
 
+    def send_now(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
+    ) -> Sent | None:
+        """Write the request :meth:`open` would, now and without waiting, on an idle pooled
+        connection to ``url``'s host: the upstream starts on it while the caller's tasks go on
+        (``LiveStream.send_early``: a scheduler pass sooner). None, and nothing written, when
+        no idle connection is there, the socket takes nothing now (the connection goes back
+        to the pool) or fails (it is closed): :meth:`open` then does it all. ``url`` must pass
+        :meth:`can_open`. A returned request is :meth:`open`'s or :meth:`discard`'s to end."""
+        key = (url.host, url.port or 80)
+        conn = self._take_idle(key)
+        if conn is None:
+            return None
+        method_b = method.upper().encode("ascii")
+        data = request_head(method_b, url, headers, body) + body
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(conn)  # (reset while idle: open() takes a new connection)
+            return None
+        if not sent:
+            self._release(conn, True)
+            return None
+        return Sent(conn, method_b, data[sent:])
+
+    def discard(self, sent: Sent) -> None:
+        """Close the connection of a request :meth:`send_now` wrote that no one will read."""
+        self._drop(sent.conn)
+
     async def open(
         self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
-        timeouts: dict[str, Any],
+        timeouts: dict[str, Any], sent: Sent | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], _Body]:
         """:meth:`handle_async_request` for the request that ``build_request(method, url,
         headers=headers, content=body)`` of an ``httpx.AsyncClient`` with no default headers,
         cookies or params (as ``make_client`` makes it) would give, without its ``Request`` and
         ``Response`` objects: the same bytes go upstream (:func:`request_head`); returns the
         status, the raw response headers and the body. ``url`` must pass :meth:`can_open`.
-        ``timeouts``: ``httpx.Timeout.as_dict()``."""
+        ``timeouts``: ``httpx.Timeout.as_dict()``. ``sent``: this request, written already
+        by :meth:`send_now` (then ``headers`` and ``body`` are not used)."""
+        if sent is not None:
+            status, _, raw, _, stream = await self._exchange(
+                sent.method, url, sent.rest, timeouts, sent.conn)
+            return status, raw, stream
         method_b = method.upper().encode("ascii")
         status, _, raw, _, stream = await self._exchange(
             method_b, url, request_head(method_b, url, headers, body) + body, timeouts)
         return status, raw, stream
 
     async def _exchange(
-        self, method: bytes, url: httpx.URL, data: bytes, timeouts: dict[str, Any]
+        self, method: bytes, url: httpx.URL, data: bytes, timeouts: dict[str, Any],
+        conn: _Conn | None = None,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool, _Body]:
-        """Send ``data`` (a whole request) on a pooled connection and read the response head:
-        (status, reason, raw headers, HTTP/1.1-ness, the body)."""
-        key = (url.host, url.port or 80)
-        conn = await self._acquire(key, timeouts)
+        """Send ``data`` (a whole request, or the rest of one begun on ``conn``) on a pooled
+        connection and read the response head: (status, reason, raw headers, HTTP/1.1-ness,
+        the body)."""
+        if conn is None:
+            conn = await self._acquire((url.host, url.port or 80), timeouts)
         try:
-            await conn.send_all(data, _deadline(timeouts.get("write")))
+            if data:
+                await conn.send_all(data, _deadline(timeouts.get("write")))
             del data
             read_deadline = _deadline(timeouts.get("read"))
             buf = b""

@@ -12,6 +12,7 @@ answer to bytes pipelined behind a refused request: smuggling) is in ``ChaosResu
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ async def chaos_request(
       socket open until ``hold`` seconds pass or the peer closes (seen without reading).
     - ``reset``: every close by the client is an RST (``SO_LINGER 0``) instead of a FIN. Note
       that the kernel also sends an RST for a plain close when received bytes are still unread.
-    - ``half_close``: ``shutdown(SHUT_WR)`` right after the request is sent.
+    - ``half_close``: ``shutdown(SHUT_WR)`` right after the request is sent (no scheduler
+      pass in between when the whole request goes out at once).
     - ``read_delay`` / ``read_size``: sleep between reads / bytes per read.
     - ``recv_buffer``: ``SO_RCVBUF`` set before connecting.
     - ``raw_request``: send these bytes verbatim instead of building a request.
@@ -199,6 +201,20 @@ async def chaos_request(
                     if i:
                         await trio.sleep(body_interval)
                     await stream.send_all(payload[i : i + step])
+            elif half_close:
+                # The FIN right behind the request, as a client that half-closes sends it:
+                # no scheduler pass between them (send_all yields once its bytes are out), in
+                # which a server on the same event loop could already be answering.
+                data = head + payload
+                await trio.lowlevel.checkpoint()
+                try:
+                    sent = os.write(stream.socket.fileno(), data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    await stream.send_all(data[sent:])
+                stream.socket.shutdown(socket.SHUT_WR)
+                return
             else:
                 await stream.send_all(head + payload)
             if half_close:

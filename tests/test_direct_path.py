@@ -1,8 +1,8 @@
-"""The direct path (``LiveStream.wait_direct``): the stream task hands new chunks to a
-caught-up subscriber's direct path itself, waking that subscriber's task only when it must
-act, and the parked subscriber learns from the same path that its client left. No sockets: a
-scripted upstream and direct paths that record what they were given (the lean engine's real
-one is tested over sockets in test_lean_engine.py)."""
+"""The direct path (``LiveStream.wait_direct``, ``wait_ready``): the stream task writes the
+response head and hands new chunks to a caught-up subscriber's direct path itself, waking that
+subscriber's task only when it must act, and the parked subscriber learns from the same path
+that its client left. No sockets: a scripted upstream and direct paths that record what they
+were given (the lean engine's real one is tested over sockets in test_lean_engine.py)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ from keepstream._supervisor import SINK_BLOCKED, SINK_REFUSED, SINK_TAKEN, LiveS
 class Feed(httpx.AsyncBaseTransport):
     """An upstream whose body chunks the test sends, one by one, on a memory channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: trio.Event | None = None) -> None:
         self.send, self._receive = trio.open_memory_channel[bytes](100)
+        self.answer = answer  # when given: the response head waits for it
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         receive = self._receive
+        if self.answer is not None:
+            await self.answer.wait()
 
         class Body(httpx.AsyncByteStream):
             async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -55,9 +58,12 @@ class Recorder:
     ``send_nowait`` answers from a script and records what it was given; ``wait_client``
     waits until ``wake()`` or until the test says the client left."""
 
-    def __init__(self, replies: list[int] | None = None, default: int = SINK_TAKEN) -> None:
+    def __init__(self, replies: list[int] | None = None, default: int = SINK_TAKEN,
+                 start: int = SINK_REFUSED) -> None:
         self.replies = replies or []
         self.default = default
+        self.start = start  # start_nowait's answer
+        self.heads: list[tuple[int, list[tuple[bytes, bytes]]]] = []
         self.got: list[bytes] = []
         self.wakes = 0
         self.gone = False
@@ -66,6 +72,10 @@ class Recorder:
     def send_nowait(self, body: bytes) -> int:
         self.got.append(body)
         return self.replies.pop(0) if self.replies else self.default
+
+    def start_nowait(self, status: int, headers: list[tuple[bytes, bytes]]) -> int:
+        self.heads.append((status, headers))
+        return self.start
 
     def wake(self) -> None:
         self.wakes += 1
@@ -210,6 +220,79 @@ async def test_wait_ready_parks_until_the_headers_and_hands_off_nothing(
         gone.leave()
         late = LiveStream(sup, stream.record, stream.route, stream.url, [], b"")
         assert await late.wait_ready(late.subscribe(), gone) is True
+        await feed.send.aclose()
+        await stream.done.wait()
+        stream.unsubscribe(sub, client_left=False)
+
+
+async def test_the_stream_task_writes_the_head_and_the_chunks_while_the_relay_sleeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A relay parked in ``wait_ready`` whose path takes the head: the stream task writes the
+    head (the upstream's headers and the stream id) when the upstream's head is in, then each
+    chunk, and wakes the relay only for the end; the relay then must not send the head."""
+    answer = trio.Event()
+    feed = Feed(answer)
+    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
+            as proxy:
+        sup = proxy.supervisor
+        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
+                                        "http://upstream.invalid/s", [], b"")
+        sub = stream.subscribe()
+        direct = Recorder(start=SINK_TAKEN)
+        woke: list[bool] = []
+
+        async def relay() -> None:
+            woke.append(await stream.wait_ready(sub, direct))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            await trio.sleep(1)
+            assert sub.direct is direct and direct.heads == []  # parked, before the head
+            answer.set()
+            await trio.sleep(1)
+            assert len(direct.heads) == 1 and direct.wakes == 0 and woke == []
+            status, headers = direct.heads[0]
+            assert status == 200 and (b"content-type", b"text/event-stream") in headers
+            assert headers[-1] == (b"keepstream-id", stream.record.id.encode())
+            assert sub.started and sub.takes and not sub.starts
+            for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
+                await feed.send.send(chunk)
+                await trio.sleep(1)
+            assert direct.got == [b"data: 1\n\n", b"data: 2\n\n"] and woke == []
+            assert sub.offset == stream.end == 18
+            await feed.send.aclose()  # the end: the relay wakes, once
+        assert woke == [False] and direct.wakes == 1 and len(direct.heads) == 1
+        await stream.done.wait()
+        assert stream.record.status == "completed"
+        stream.unsubscribe(sub, client_left=False)
+
+
+async def test_a_head_the_socket_takes_part_of_wakes_the_relay_to_flush_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    answer = trio.Event()
+    feed = Feed(answer)
+    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
+            as proxy:
+        sup = proxy.supervisor
+        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
+                                        "http://upstream.invalid/s", [], b"")
+        sub = stream.subscribe()
+        direct = Recorder(start=SINK_BLOCKED)
+        woke: list[bool] = []
+
+        async def relay() -> None:
+            woke.append(await stream.wait_ready(sub, direct))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            await trio.sleep(1)
+            assert sub.direct is direct and direct.heads == []  # parked, before the head
+            answer.set()
+        assert woke == [False] and direct.wakes == 1 and len(direct.heads) == 1
+        assert sub.started and sub.must_flush and not sub.takes
+        assert sub.direct is None and stream._parked == 0
         await feed.send.aclose()
         await stream.done.wait()
         stream.unsubscribe(sub, client_left=False)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import pytest
@@ -671,3 +673,130 @@ async def test_connections_are_bare_descriptors_non_blocking_no_delay_and_closed
             while len(os.listdir("/proc/self/fd")) > before:
                 await trio.sleep(0.01)
     assert seen == [(False, 1)] * 20
+
+
+async def test_a_short_answer_reaches_the_client_before_its_end_is_durable(
+    tmp_path: Any, nursery: trio.Nursery
+) -> None:
+    """An upstream answer read whole at once (head, one event, end) while the journal's
+    database is locked (another connection holds its write lock from the moment the
+    upstream answers): the head and the event reach the client without waiting for the
+    journal; the clean end of body only once the completed record is durable."""
+    db = tmp_path / "journal.db"
+    event = b"data: hello\n\n"
+    locks: list[sqlite3.Connection] = []
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some(65536)
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the stream's record exists: no commit from now on
+        locks.append(lock)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+                              % (len(event), event))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    cfg = make_config(f"http://127.0.0.1:{port}", f"sqlite:///{db}",
+                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
+                                          drain_timeout=2.0, stop_grace=10.0))
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            if ks.config.server.engine != "lean":
+                pytest.skip("KEEPSTREAM_ENGINE chose another engine")
+            client = await trio.open_tcp_stream("127.0.0.1", ks.port)
+            await client.send_all(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while event not in got:
+                got += await client.receive_some(65536)
+            assert got.startswith(b"HTTP/1.1 200 OK") and b"keepstream-id: " in got
+            assert not got.endswith(b"0\r\n\r\n")  # the end waits for the journal
+            (lock,) = locks
+            await trio.sleep(0.2)  # the journal retries meanwhile; still locked: no end
+            with trio.move_on_after(0.05):
+                got += await client.receive_some(65536)
+            assert not got.endswith(b"0\r\n\r\n")
+            sid = got.split(b"keepstream-id: ")[1].split(b"\r\n")[0].decode()
+            lock.rollback()  # the journal commits now, then the end goes out
+            lock.close()
+            while not got.endswith(b"0\r\n\r\n"):
+                data = await client.receive_some(65536)
+                assert data, "closed before the end of the body"
+                got += data
+            await client.aclose()
+            rec = await ks.wait_terminal(sid)
+            assert rec["status"] == "completed"
+            assert await ks.body(sid) == event
+
+
+async def test_a_short_answer_is_written_before_its_terminal_commit(
+    tmp_path: Any, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same answer read whole at once, the journal free: the stream task writes the
+    response head and the event (``start_nowait``, ``send_nowait``) before its terminal row's
+    inline commit, and the relay writes the clean end after it. (Spies that call through to
+    the real methods record the order.)"""
+    from keepstream import _h1
+    from keepstream._journal import SQLiteBackend
+
+    order: list[tuple[str, object]] = []
+    commit, start, send_nowait = (SQLiteBackend.try_commit_inline,
+                                  _h1._Connection.start_nowait, _h1._Connection.send_nowait)
+    send = _h1._Connection.send
+
+    def spy_commit(self: SQLiteBackend, batch: Any) -> bool:
+        done = commit(self, batch)
+        order.append(("commit", tuple(row["status"] for row in batch.rows) if done else ()))
+        return done
+
+    def spy_start(self: _h1._Connection, status: int, headers: Any) -> int:
+        order.append(("head", status))
+        return start(self, status, headers)
+
+    def spy_send_nowait(self: _h1._Connection, body: bytes) -> int:
+        order.append(("body", body))
+        return send_nowait(self, body)
+
+    async def spy_send(self: _h1._Connection, message: Any) -> None:
+        order.append(("send", message.get("body", message["type"])))
+        await send(self, message)
+
+    monkeypatch.setattr(SQLiteBackend, "try_commit_inline", spy_commit)
+    monkeypatch.setattr(_h1._Connection, "start_nowait", spy_start)
+    monkeypatch.setattr(_h1._Connection, "send_nowait", spy_send_nowait)
+    monkeypatch.setattr(_h1._Connection, "send", spy_send)
+    event = b"data: hello\n\n"
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        buf = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            while b"\r\n\r\n" in buf:
+                buf = buf.split(b"\r\n\r\n", 1)[1]
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                      b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+                                      % (len(event), event))
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    cfg = make_config(f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'journal.db'}",
+                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
+                                          drain_timeout=2.0, stop_grace=10.0))
+    with trio.fail_after(20):
+        async with run_keepstream(cfg) as ks:
+            if ks.config.server.engine != "lean":
+                pytest.skip("KEEPSTREAM_ENGINE chose another engine")
+            for _ in range(2):  # a new upstream connection, then a kept-alive one
+                await trio.sleep(0.05)  # (the journal's own flushes come and go meanwhile)
+                order.clear()
+                res = await chaos_request(ks.port, "GET", "/s")
+                assert res.status == 200 and res.complete and res.body == event
+                terminal = order.index(("commit", ("completed",)))
+                assert order.index(("head", 200)) < order.index(("body", event)) < terminal
+                assert order.index(("send", b"")) > terminal  # the end: after it is durable

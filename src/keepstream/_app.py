@@ -547,6 +547,9 @@ class KeepstreamApp:
             await stream.response_ready.wait()
         elif await stream.wait_ready(sub, direct):
             return False
+        if direct is not None and sub.started:
+            # The stream task wrote the head (LiveStream._start_direct), and maybe chunks.
+            return await self._finish(stream, sub, send, None, direct)
         sid = stream.record.id
         if stream.upstream_status is None:
             status = stream.record.status
@@ -556,15 +559,20 @@ class KeepstreamApp:
                 retry_after=1 if stream.error_status == 503 else None,
             )
             return True
-        headers = [*stream.response_headers, (b"keepstream-id", sid.encode())]
         rewriter: EventRewriter | None = None
         if stream.route.resumable and stream.is_sse:
             server = self.config.server
             rewriter = EventRewriter(sid, max_line_bytes=server.max_line_bytes,
                                      max_event_bytes=server.max_event_bytes)
         await send({"type": "http.response.start", "status": stream.upstream_status,
-                    "headers": headers})
-        del headers  # not kept for the rest of the stream
+                    "headers": stream.client_head()})
+        return await self._finish(stream, sub, send, rewriter, direct)
+
+    async def _finish(
+        self, stream: LiveStream, sub: Subscriber, send: Send, rewriter: EventRewriter | None,
+        direct: Direct | None,
+    ) -> bool:
+        """:meth:`_respond` once the head is out: the body, then the end."""
         if not await _pump(stream, sub, send, self.supervisor, rewriter, direct):
             return False
         if rewriter is not None and rewriter.overflowed:

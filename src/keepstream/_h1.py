@@ -788,6 +788,38 @@ class _Connection:
         self._pending = out[sent:]
         return SINK_BLOCKED
 
+    def start_nowait(self, status: int, headers: list[tuple[bytes, bytes]]) -> int:
+        """The direct path's response head (``Direct.start_nowait``), written now from the
+        stream task, never waiting: as ``send()``'s ``http.response.start``, whose turn it
+        takes. ``SINK_BLOCKED``: the socket took part of it; the rest goes out first with the
+        app's next ``send()``. Refused (the app sends the head itself, or learns that the
+        client left) if anything was sent or is waiting to be, the client is gone (read
+        first, as the relay does when woken), or the head is not one this server writes."""
+        if self._started or self._broken or self._pending or self._writing():
+            return SINK_REFUSED
+        ahead = self._ahead
+        if ahead is not None and not self._read_ahead(ahead):
+            # The client left (a close or a half-close that the poller has not reported
+            # yet): as the relay's own check when woken, no response starts.
+            return SINK_REFUSED
+        try:
+            head = self._head(status, headers)
+        except RuntimeError:
+            return SINK_REFUSED  # the app's send() raises it, as it would have
+        self._started = True
+        try:
+            sent = os.write(self.fd, head)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._broken = True  # the client left: dropped, as send() drops it
+            self._peer_gone = True
+            return SINK_TAKEN
+        if sent == len(head):
+            return SINK_TAKEN
+        self._pending = head[sent:]
+        return SINK_BLOCKED
+
     def _head(self, status: int, headers: Any) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
         length: int | None = None

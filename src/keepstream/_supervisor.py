@@ -109,6 +109,11 @@ class Direct(Protocol):
         """Write ``body`` as the response's next piece now, never waiting: a ``SINK_*``."""
         ...
 
+    def start_nowait(self, status: int, headers: list[tuple[bytes, bytes]]) -> int:
+        """Write the response head now, never waiting, as the relay's
+        ``http.response.start`` would: a ``SINK_*`` (refused: the relay sends it itself)."""
+        ...
+
     def wake(self) -> None:
         """End a :meth:`wait_client` in progress (called by the stream task)."""
         ...
@@ -133,6 +138,11 @@ class Subscriber:
     takes: bool = False
     #: The direct path took bytes it could not write out at once (SINK_BLOCKED).
     must_flush: bool = False
+    #: Parked in :meth:`LiveStream.wait_ready`: the stream task writes the response head
+    #: through the direct path itself when the upstream's head is in (``start_nowait``).
+    starts: bool = False
+    #: The response head went out that way: the subscriber's task must not send it again.
+    started: bool = False
 
 
 def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -347,8 +357,36 @@ class LiveStream:
             for sub in self._subs:
                 direct = sub.direct
                 if direct is not None:
+                    if sub.starts:
+                        sub.starts = False
+                        if self._start_direct(sub, direct):
+                            continue  # the head is out; the relay sleeps on, taking chunks
                     self._unpark(sub)
                     direct.wake()
+
+    def client_head(self) -> list[tuple[bytes, bytes]]:
+        """The response headers the client gets: the upstream's, filtered, and the id."""
+        return [*self.response_headers, (b"keepstream-id", self.record.id.encode())]
+
+    def _start_direct(self, sub: Subscriber, direct: Direct) -> bool:
+        """The upstream's head is in and ``sub``'s relay sleeps in :meth:`wait_ready`: write
+        the client's response head through ``direct`` now, from this task, so the first
+        chunks (often read with the head) go out through ``send_nowait`` before this task
+        goes on (its terminal commit, for a short body) and without waking the relay for
+        the head; it wakes for the end, or when the path refuses. True when ``sub`` stays
+        parked, taking chunks."""
+        status = self.upstream_status
+        if status is None or self.finished:
+            return False  # an error answer, or the end: the relay's own
+        taken = direct.start_nowait(status, self.client_head())
+        if taken == SINK_REFUSED:
+            return False
+        sub.started = True
+        if taken == SINK_BLOCKED:
+            sub.must_flush = True  # the relay's next send writes the rest of the head first
+            return False
+        sub.takes = True
+        return True
 
     def _unpark(self, sub: Subscriber) -> None:
         if sub.direct is not None:
@@ -368,10 +406,16 @@ class LiveStream:
 
     async def wait_ready(self, sub: Subscriber, direct: Direct) -> bool:
         """``response_ready.wait()`` while watching the client through ``direct``: True when
-        the client left first."""
+        the client left first. Meanwhile the stream task may write the response head itself
+        (:meth:`_start_direct`: then ``sub.started``) and the chunks after it, and wake this
+        task only when it has to act (the end, a refusal, a blocked socket)."""
         while not self.ready:
-            if await self._park(sub, direct, takes=False):
-                return True
+            sub.starts = not sub.started
+            try:
+                if await self._park(sub, direct, takes=False):
+                    return True
+            finally:
+                sub.starts = False
         return False
 
     async def _park(self, sub: Subscriber, direct: Direct, *, takes: bool) -> bool:

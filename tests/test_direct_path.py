@@ -7,6 +7,7 @@ were given (the lean engine's real one is tested over sockets in test_lean_engin
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import trio
@@ -14,7 +15,13 @@ import trio.testing
 
 from keepstream import Config, JournalConfig, Route, ServerConfig, open_proxy
 from keepstream._poller import UpstreamPoller
-from keepstream._supervisor import SINK_BLOCKED, SINK_REFUSED, SINK_TAKEN, LiveStream
+from keepstream._supervisor import (
+    SINK_BLOCKED,
+    SINK_REFUSED,
+    SINK_TAKEN,
+    LiveStream,
+    Subscriber,
+)
 
 
 class Feed(httpx.AsyncBaseTransport):
@@ -225,74 +232,69 @@ async def test_wait_ready_parks_until_the_headers_and_hands_off_nothing(
         stream.unsubscribe(sub, client_left=False)
 
 
+@asynccontextmanager
+async def _relay_parked_for_the_head(
+    start: int,
+) -> AsyncIterator[tuple[LiveStream, Subscriber, Recorder, list[bool], Feed, trio.Event]]:
+    """A relay task parked in ``wait_ready`` with a path whose ``start_nowait`` answers
+    ``start``, before the upstream's head (``answer`` lets it come); leaving the block waits
+    for the relay, ends the upstream body and the stream."""
+    answer = trio.Event()
+    feed = Feed(answer)
+    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
+            as proxy:
+        sup = proxy.supervisor
+        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
+                                        "http://upstream.invalid/s", [], b"")
+        sub = stream.subscribe()
+        direct = Recorder(start=start)
+        woke: list[bool] = []
+
+        async def relay() -> None:
+            woke.append(await stream.wait_ready(sub, direct))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            await trio.sleep(1)
+            assert sub.direct is direct and direct.heads == []  # parked, before the head
+            yield stream, sub, direct, woke, feed, answer
+        await feed.send.aclose()
+        await stream.done.wait()
+        stream.unsubscribe(sub, client_left=False)
+
+
 async def test_the_stream_task_writes_the_head_and_the_chunks_while_the_relay_sleeps(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A relay parked in ``wait_ready`` whose path takes the head: the stream task writes the
     head (the upstream's headers and the stream id) when the upstream's head is in, then each
     chunk, and wakes the relay only for the end; the relay then must not send the head."""
-    answer = trio.Event()
-    feed = Feed(answer)
-    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
-            as proxy:
-        sup = proxy.supervisor
-        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
-                                        "http://upstream.invalid/s", [], b"")
-        sub = stream.subscribe()
-        direct = Recorder(start=SINK_TAKEN)
-        woke: list[bool] = []
-
-        async def relay() -> None:
-            woke.append(await stream.wait_ready(sub, direct))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay)
+    async with _relay_parked_for_the_head(SINK_TAKEN) as (stream, sub, direct, woke, feed,
+                                                          answer):
+        answer.set()
+        await trio.sleep(1)
+        assert len(direct.heads) == 1 and direct.wakes == 0 and woke == []
+        status, headers = direct.heads[0]
+        assert status == 200 and (b"content-type", b"text/event-stream") in headers
+        assert headers[-1] == (b"keepstream-id", stream.record.id.encode())
+        assert sub.started and sub.takes and not sub.starts
+        for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
+            await feed.send.send(chunk)
             await trio.sleep(1)
-            assert sub.direct is direct and direct.heads == []  # parked, before the head
-            answer.set()
-            await trio.sleep(1)
-            assert len(direct.heads) == 1 and direct.wakes == 0 and woke == []
-            status, headers = direct.heads[0]
-            assert status == 200 and (b"content-type", b"text/event-stream") in headers
-            assert headers[-1] == (b"keepstream-id", stream.record.id.encode())
-            assert sub.started and sub.takes and not sub.starts
-            for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
-                await feed.send.send(chunk)
-                await trio.sleep(1)
-            assert direct.got == [b"data: 1\n\n", b"data: 2\n\n"] and woke == []
-            assert sub.offset == stream.end == 18
-            await feed.send.aclose()  # the end: the relay wakes, once
-        assert woke == [False] and direct.wakes == 1 and len(direct.heads) == 1
-        await stream.done.wait()
-        assert stream.record.status == "completed"
-        stream.unsubscribe(sub, client_left=False)
+        assert direct.got == [b"data: 1\n\n", b"data: 2\n\n"] and woke == []
+        assert sub.offset == stream.end == 18
+        await feed.send.aclose()  # the end: the relay wakes, once
+    assert woke == [False] and direct.wakes == 1 and len(direct.heads) == 1
+    assert stream.record.status == "completed"
 
 
 async def test_a_head_the_socket_takes_part_of_wakes_the_relay_to_flush_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    answer = trio.Event()
-    feed = Feed(answer)
-    async with httpx.AsyncClient(transport=feed) as http, open_proxy(_config(), client=http) \
-            as proxy:
-        sup = proxy.supervisor
-        stream = await sup.start_stream(sup.config.routes[0], "GET", "/s",
-                                        "http://upstream.invalid/s", [], b"")
-        sub = stream.subscribe()
-        direct = Recorder(start=SINK_BLOCKED)
-        woke: list[bool] = []
-
-        async def relay() -> None:
-            woke.append(await stream.wait_ready(sub, direct))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay)
-            await trio.sleep(1)
-            assert sub.direct is direct and direct.heads == []  # parked, before the head
-            answer.set()
+    async with _relay_parked_for_the_head(SINK_BLOCKED) as (stream, sub, direct, woke, _,
+                                                            answer):
+        answer.set()
+        await trio.sleep(1)
         assert woke == [False] and direct.wakes == 1 and len(direct.heads) == 1
         assert sub.started and sub.must_flush and not sub.takes
         assert sub.direct is None and stream._parked == 0
-        await feed.send.aclose()
-        await stream.done.wait()
-        stream.unsubscribe(sub, client_left=False)

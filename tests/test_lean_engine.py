@@ -675,6 +675,30 @@ async def test_connections_are_bare_descriptors_non_blocking_no_delay_and_closed
     assert seen == [(False, 1)] * 20
 
 
+def _whole_answer(event: bytes) -> bytes:
+    """A chunked SSE answer of one event, to be written in one piece (read whole at once)."""
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+
+
+@asynccontextmanager
+async def _lean_before(
+    nursery: trio.Nursery, upstream: Callable[[trio.SocketStream], Awaitable[None]],
+    db: Any,
+) -> AsyncIterator[Any]:
+    """keepstream on the lean engine (SQLite journal ``db``) in front of ``upstream``, a
+    raw handler served on 127.0.0.1; skipped if ``KEEPSTREAM_ENGINE`` chose another engine."""
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    cfg = make_config(f"http://127.0.0.1:{port}", f"sqlite:///{db}",
+                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
+                                          drain_timeout=2.0, stop_grace=10.0))
+    async with run_keepstream(cfg) as ks:
+        if ks.config.server.engine != "lean":
+            pytest.skip("KEEPSTREAM_ENGINE chose another engine")
+        yield ks
+
+
 async def test_a_short_answer_reaches_the_client_before_its_end_is_durable(
     tmp_path: Any, nursery: trio.Nursery
 ) -> None:
@@ -693,20 +717,11 @@ async def test_a_short_answer_reaches_the_client_before_its_end_is_durable(
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")  # the stream's record exists: no commit from now on
         locks.append(lock)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                              b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
-                              % (len(event), event))
+        await stream.send_all(_whole_answer(event))
         await trio.sleep_forever()
 
-    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    cfg = make_config(f"http://127.0.0.1:{port}", f"sqlite:///{db}",
-                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
-                                          drain_timeout=2.0, stop_grace=10.0))
     with trio.fail_after(20):
-        async with run_keepstream(cfg) as ks:
-            if ks.config.server.engine != "lean":
-                pytest.skip("KEEPSTREAM_ENGINE chose another engine")
+        async with _lean_before(nursery, upstream, db) as ks:
             client = await trio.open_tcp_stream("127.0.0.1", ks.port)
             await client.send_all(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
             got = b""
@@ -779,19 +794,10 @@ async def test_a_short_answer_is_written_before_its_terminal_commit(
             buf += data
             while b"\r\n\r\n" in buf:
                 buf = buf.split(b"\r\n\r\n", 1)[1]
-                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                      b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
-                                      % (len(event), event))
+                await stream.send_all(_whole_answer(event))
 
-    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    cfg = make_config(f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'journal.db'}",
-                      server=ServerConfig(bind="127.0.0.1:0", engine="lean",
-                                          drain_timeout=2.0, stop_grace=10.0))
     with trio.fail_after(20):
-        async with run_keepstream(cfg) as ks:
-            if ks.config.server.engine != "lean":
-                pytest.skip("KEEPSTREAM_ENGINE chose another engine")
+        async with _lean_before(nursery, upstream, tmp_path / "journal.db") as ks:
             for _ in range(2):  # a new upstream connection, then a kept-alive one
                 await trio.sleep(0.05)  # (the journal's own flushes come and go meanwhile)
                 order.clear()

@@ -66,6 +66,11 @@ def test_open_writes_the_head_build_request_gives(
         _httpx_head(request)
 
 
+#: An SSE answer's framing and body for ``_recording``: chunked, b"abc".
+_ABC = b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+_HEADERS = [(b"accept", b"text/event-stream"), (b"x-a", b"1")]
+
+
 async def _recording(nursery: trio.Nursery, rest: bytes) -> tuple[RawServer, list[bytes]]:
     """An upstream that records each request and answers an SSE response (its framing and
     body: ``rest``)."""
@@ -83,12 +88,10 @@ async def _recording(nursery: trio.Nursery, rest: bytes) -> tuple[RawServer, lis
 async def test_open_and_handle_async_request_send_the_same_bytes(
     nursery: trio.Nursery,
 ) -> None:
-    server, seen = await _recording(nursery, b"Transfer-Encoding: chunked\r\n\r\n"
-                                              b"3\r\nabc\r\n0\r\n\r\n")
+    server, seen = await _recording(nursery, _ABC)
     transport = FastTransport()
     url = httpx.URL(f"http://127.0.0.1:{server.port}/v1/s?x=1")
-    headers = [(b"accept", b"text/event-stream"), (b"x-a", b"1")]
-    timeouts = httpx.Timeout(5.0).as_dict()
+    headers, timeouts = _HEADERS, httpx.Timeout(5.0).as_dict()
     with trio.fail_after(5):
         async with httpx.AsyncClient(transport=transport) as client:
             for _ in range(2):  # the second on the kept-alive connection
@@ -138,12 +141,10 @@ async def test_send_now_writes_what_open_would_and_open_reads_its_answer(
     """On an idle pooled connection ``send_now`` writes, at once and without a checkpoint,
     the bytes ``open`` writes for the same arguments; ``open`` then reads that request's
     answer on that connection. With no idle connection it writes nothing (None)."""
-    server, seen = await _recording(nursery, b"Transfer-Encoding: chunked\r\n\r\n"
-                                              b"3\r\nabc\r\n0\r\n\r\n")
+    server, seen = await _recording(nursery, _ABC)
     transport = FastTransport()
     url = httpx.URL(f"http://127.0.0.1:{server.port}/v1/s?x=1")
-    headers = [(b"accept", b"text/event-stream"), (b"x-a", b"1")]
-    timeouts = httpx.Timeout(5.0).as_dict()
+    headers, timeouts = _HEADERS, httpx.Timeout(5.0).as_dict()
     with trio.fail_after(5):
         assert transport.send_now("post", url, headers, b"{}") is None  # nothing pooled
         status, _, body = await transport.open("post", url, headers, b"{}", timeouts)

@@ -774,7 +774,11 @@ class _Connection:
             return SINK_REFUSED
         if not body:
             return SINK_TAKEN
-        out = b"%x\r\n%b\r\n" % (len(body), body)
+        return self._write_nowait(b"%x\r\n%b\r\n" % (len(body), body))
+
+    def _write_nowait(self, out: bytes) -> int:
+        """The direct path's write: ``SINK_TAKEN``, or ``SINK_BLOCKED`` with the rest kept
+        for the app's next ``send()``."""
         try:
             sent = os.write(self.fd, out)
         except BlockingIOError:
@@ -807,18 +811,7 @@ class _Connection:
         except RuntimeError:
             return SINK_REFUSED  # the app's send() raises it, as it would have
         self._started = True
-        try:
-            sent = os.write(self.fd, head)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._broken = True  # the client left: dropped, as send() drops it
-            self._peer_gone = True
-            return SINK_TAKEN
-        if sent == len(head):
-            return SINK_TAKEN
-        self._pending = head[sent:]
-        return SINK_BLOCKED
+        return self._write_nowait(head)
 
     def _head(self, status: int, headers: Any) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
